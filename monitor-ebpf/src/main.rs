@@ -1,0 +1,666 @@
+//! Kernel side of the credential-reuse monitor.
+//!
+//! Two sources of plaintext:
+//! - OpenSSL uprobes (`SSL_write`/`SSL_write_ex` at entry, `SSL_read`/`SSL_read_ex` at entry and
+//!   return) copy the buffer before encryption / after decryption;
+//! - socket syscall tracepoints copy plaintext TCP traffic, and, when they run nested inside an
+//!   SSL call on the same thread, tie that `SSL *` to its socket (fd, flow) instead.
+//!
+//! Programs only copy and count; parsing happens in userspace. Nothing logs per event.
+#![no_std]
+#![no_main]
+
+use core::ptr::{addr_of, read_volatile};
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_probe_read_user_buf,
+        generated::{bpf_get_current_cgroup_id, bpf_get_current_task, bpf_ktime_get_ns},
+    },
+    macros::{map, tracepoint, uprobe, uretprobe},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
+};
+use monitor_common::*;
+
+#[unsafe(no_mangle)]
+static OFFSETS: KernelOffsets = unsafe { core::mem::zeroed() };
+#[unsafe(no_mangle)]
+static CONFIG: ProbeConfig = unsafe { core::mem::zeroed() };
+
+/// 16 MiB: at ~300 bytes a request that is ~50k requests of slack for a stalled reader.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
+#[map]
+static SCRATCH: PerCpuArray<DataEvent> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(PROG_COUNT * STAT_COUNT, 0);
+/// Threads inside an SSL call (entry seen, nested syscall or return not yet).
+#[map]
+static ACTIVE: HashMap<u64, SslActive> = HashMap::with_max_entries(16384, 0);
+/// SSL object → its socket, learnt from the syscall nested in an SSL call.
+#[map]
+static SSL_CONN: LruHashMap<SslKey, SslConn> = LruHashMap::with_max_entries(65536, 0);
+/// Sockets carrying TLS through a probed library: their syscall bytes are ciphertext.
+#[map]
+static TLS_SOCKS: LruHashMap<u64, SslKey> = LruHashMap::with_max_entries(65536, 0);
+/// Read-like syscalls between entry and exit.
+#[map]
+static READS: HashMap<u64, ReadArgs> = HashMap::with_max_entries(16384, 0);
+
+macro_rules! off {
+    ($f:ident) => {{
+        #[allow(unused_unsafe)]
+        let v = unsafe { read_volatile(addr_of!(OFFSETS.$f)) as usize };
+        v
+    }};
+}
+
+#[inline(always)]
+fn stat(prog: u32, which: u32) {
+    if let Some(p) = STATS.get_ptr_mut(prog * STAT_COUNT + which) {
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn is_self(pid_tgid: u64) -> bool {
+    (pid_tgid >> 32) as u32 == unsafe { read_volatile(addr_of!(CONFIG.self_tgid)) }
+}
+
+#[inline(always)]
+unsafe fn kread<T>(base: usize, off: usize) -> Option<T> {
+    unsafe { bpf_probe_read_kernel((base + off) as *const T).ok() }
+}
+
+/// `struct sock *` behind `fd` of the current task, if it is a TCP socket (IPv4 or IPv6).
+#[inline(always)]
+unsafe fn tcp_sock_of_fd(fd: i64) -> Option<usize> {
+    if fd < 0 {
+        return None;
+    }
+    unsafe {
+        let task = bpf_get_current_task() as usize;
+        let files: usize = kread(task, off!(task_files))?;
+        let fdt: usize = kread(files, off!(files_fdt))?;
+        let max_fds: u32 = kread(fdt, off!(fdt_max_fds))?;
+        if fd as u64 >= max_fds as u64 {
+            return None;
+        }
+        let fd_array: usize = kread(fdt, off!(fdt_fd))?;
+        let file: usize = kread(fd_array, fd as usize * 8)?;
+        if file == 0 {
+            return None;
+        }
+        let inode: usize = kread(file, off!(file_inode))?;
+        let mode: u16 = kread(inode, off!(inode_mode))?;
+        if mode & 0o170000 != 0o140000 {
+            return None; // not a socket
+        }
+        let socket: usize = kread(file, off!(file_private_data))?;
+        let sk: usize = kread(socket, off!(socket_sk))?;
+        if sk == 0 {
+            return None;
+        }
+        let protocol: u16 = kread(sk, off!(sock_protocol))?;
+        let family: u16 = kread(sk, off!(sock_family))?;
+        if protocol != 6 || (family != AF_INET && family != AF_INET6) {
+            return None;
+        }
+        Some(sk)
+    }
+}
+
+#[inline(always)]
+unsafe fn fill_flow(sk: usize, h: &mut EventHeader) {
+    h.flow = Flow::default();
+    h.netns = 0;
+    if sk == 0 {
+        h.flags |= FLAG_NO_FLOW;
+        return;
+    }
+    unsafe {
+        let family: u16 = kread(sk, off!(sock_family)).unwrap_or(0);
+        h.flow.family = family;
+        h.flow.sport = kread(sk, off!(sock_num)).unwrap_or(0);
+        h.flow.dport = u16::from_be(kread(sk, off!(sock_dport)).unwrap_or(0));
+        if family == AF_INET {
+            let s: [u8; 4] = kread(sk, off!(sock_rcv_saddr)).unwrap_or([0; 4]);
+            let d: [u8; 4] = kread(sk, off!(sock_daddr)).unwrap_or([0; 4]);
+            h.flow.saddr[..4].copy_from_slice(&s);
+            h.flow.daddr[..4].copy_from_slice(&d);
+        } else {
+            h.flow.saddr = kread(sk, off!(sock_v6_rcv_saddr)).unwrap_or([0; 16]);
+            h.flow.daddr = kread(sk, off!(sock_v6_daddr)).unwrap_or([0; 16]);
+        }
+        let net: usize = kread(sk, off!(sock_net)).unwrap_or(0);
+        if net != 0 {
+            h.netns = kread(net, off!(net_ns_inum)).unwrap_or(0);
+        }
+    }
+}
+
+/// Prepares the per-CPU scratch header for one call; data chunks are filled by `emit_chunks`.
+#[inline(always)]
+unsafe fn begin(
+    kind: u8,
+    dir: u8,
+    source: u8,
+    conn: u64,
+    sk: usize,
+    fd: i32,
+    call_len: u64,
+) -> Option<&'static mut DataEvent> {
+    let ev = unsafe { &mut *SCRATCH.get_ptr_mut(0)? };
+    let h = &mut ev.header;
+    h.kind = kind;
+    h.direction = dir;
+    h.source = source;
+    h.flags = 0;
+    h.len = 0;
+    h.ts_ns = unsafe { bpf_ktime_get_ns() };
+    h.pid_tgid = bpf_get_current_pid_tgid();
+    h.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    h.conn = conn;
+    h.sk = sk as u64;
+    h.fd = fd;
+    h.call_len = call_len;
+    h.offset = 0;
+    h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    unsafe { fill_flow(sk, h) };
+    Some(ev)
+}
+
+#[inline(always)]
+fn output(prog: u32, ev: &DataEvent, len: usize) {
+    let bytes = unsafe {
+        core::slice::from_raw_parts(ev as *const DataEvent as *const u8, HEADER_LEN + len)
+    };
+    match EVENTS.output::<[u8]>(bytes, 0) {
+        Ok(()) => stat(prog, STAT_EVENTS),
+        Err(_) => stat(prog, STAT_LOST),
+    }
+}
+
+#[inline(always)]
+fn looks_like_tls_record(d: &[u8]) -> bool {
+    d.len() >= 3 && (0x14..=0x17).contains(&d[0]) && d[1] == 3 && d[2] <= 4
+}
+
+/// Copies `len` bytes at user address `ptr` out as up to `chunks` records; returns false when
+/// the first chunk turned out to be a TLS record that should not be reported as plaintext.
+#[inline(always)]
+unsafe fn emit_chunks(prog: u32, ev: &mut DataEvent, ptr: u64, len: u64, chunks: u32) -> bool {
+    let base = ev.header.offset;
+    let mut done: u64 = 0;
+    for _ in 0..chunks {
+        if done >= len {
+            break;
+        }
+        let mut n = len - done;
+        if n > MAX_DATA as u64 {
+            n = MAX_DATA as u64;
+        }
+        let n = n as usize;
+        if n == 0 || n > MAX_DATA {
+            break;
+        }
+        if unsafe { bpf_probe_read_user_buf((ptr + done) as *const u8, &mut ev.data[..n]) }.is_err()
+        {
+            stat(prog, STAT_READ_ERRORS);
+            return true;
+        }
+        if done == 0 && ev.header.source == SOURCE_SYSCALL && looks_like_tls_record(&ev.data[..n]) {
+            return false;
+        }
+        ev.header.len = n as u32;
+        ev.header.offset = base + done as u32;
+        output(prog, ev, n);
+        done += n as u64;
+    }
+    if done < len {
+        stat(prog, STAT_TRUNCATED);
+    }
+    ev.header.offset = base + done as u32;
+    true
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Iovec {
+    base: u64,
+    len: u64,
+}
+
+/// Copies up to `total` bytes spread over an iovec array, one chunk per segment.
+#[inline(always)]
+unsafe fn emit_iov(prog: u32, ev: &mut DataEvent, iov: u64, iovcnt: u64, total: u64) {
+    let mut left = total;
+    for i in 0..MAX_IOV {
+        if i as u64 >= iovcnt || left == 0 {
+            break;
+        }
+        let Ok(seg) = (unsafe { bpf_probe_read_user((iov + i as u64 * 16) as *const Iovec) })
+        else {
+            stat(prog, STAT_READ_ERRORS);
+            return;
+        };
+        let n = if seg.len < left { seg.len } else { left };
+        if !unsafe { emit_chunks(prog, ev, seg.base, n, 1) } {
+            return;
+        }
+        left -= n;
+    }
+    if left > 0 {
+        stat(prog, STAT_TRUNCATED);
+    }
+}
+
+/// `struct user_msghdr` → (msg_iov, msg_iovlen).
+#[inline(always)]
+unsafe fn msg_iov(msg: u64) -> Option<(u64, u64)> {
+    unsafe {
+        let iov: u64 = bpf_probe_read_user((msg + 16) as *const u64).ok()?;
+        let cnt: u64 = bpf_probe_read_user((msg + 24) as *const u64).ok()?;
+        Some((iov, cnt))
+    }
+}
+
+/// First user buffer of a write-like call, to recognise a TLS record.
+#[inline(always)]
+unsafe fn first_bytes(shape: u32, arg: u64) -> [u8; 3] {
+    unsafe {
+        let ptr = match shape {
+            SHAPE_BUF => arg,
+            SHAPE_IOV => bpf_probe_read_user(arg as *const u64).unwrap_or(0),
+            _ => match msg_iov(arg) {
+                Some((iov, _)) => bpf_probe_read_user(iov as *const u64).unwrap_or(0),
+                None => 0,
+            },
+        };
+        bpf_probe_read_user(ptr as *const [u8; 3]).unwrap_or([0; 3])
+    }
+}
+
+/// Ties an SSL object to the socket its nested syscall used; reports it when new or changed.
+#[inline(always)]
+unsafe fn bind(prog: u32, pid_tgid: u64, ssl: u64, fd: i32, sk: usize) {
+    let key = SslKey {
+        tgid: pid_tgid >> 32,
+        ssl,
+    };
+    let changed = match unsafe { SSL_CONN.get(&key) } {
+        Some(c) => c.sk != sk as u64 || c.fd != fd,
+        None => true,
+    };
+    if !changed {
+        return;
+    }
+    let _ = SSL_CONN.insert(
+        &key,
+        &SslConn {
+            sk: sk as u64,
+            fd,
+            _pad: 0,
+        },
+        0,
+    );
+    let _ = TLS_SOCKS.insert(&(sk as u64), &key, 0);
+    if let Some(ev) = unsafe { begin(KIND_TLS_BIND, DIR_EGRESS, SOURCE_OPENSSL, ssl, sk, fd, 0) } {
+        output(prog, ev, 0);
+    }
+}
+
+#[inline(always)]
+unsafe fn on_send(ctx: &TracePointContext, shape: u32) -> Option<()> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if is_self(pid_tgid) {
+        return None;
+    }
+    stat(PROG_SYS_WRITE, STAT_HITS);
+    unsafe {
+        let fd: i64 = ctx.read_at(16).ok()?;
+        let arg: u64 = ctx.read_at(24).ok()?;
+        let count: u64 = ctx.read_at(32).ok()?;
+        let sk = tcp_sock_of_fd(fd)?;
+        if let Some(a) = ACTIVE.get(&pid_tgid) {
+            if a.is_read == 0 {
+                let ssl = a.ssl;
+                let _ = ACTIVE.remove(&pid_tgid);
+                // SSL_write has no return probe: only a TLS record proves the nesting.
+                if looks_like_tls_record(&first_bytes(shape, arg)) {
+                    bind(PROG_SYS_WRITE, pid_tgid, ssl, fd as i32, sk);
+                    return None;
+                }
+            }
+        }
+        if TLS_SOCKS.get(&(sk as u64)).is_some() {
+            return None;
+        }
+        if read_volatile(addr_of!(CONFIG.capture_plaintext)) == 0 {
+            return None;
+        }
+        let ev = begin(
+            KIND_DATA,
+            DIR_EGRESS,
+            SOURCE_SYSCALL,
+            sk as u64,
+            sk,
+            fd as i32,
+            0,
+        )?;
+        match shape {
+            SHAPE_BUF => {
+                ev.header.call_len = count;
+                emit_chunks(PROG_SYS_WRITE, ev, arg, count, MAX_CHUNKS);
+            }
+            SHAPE_IOV => {
+                ev.header.call_len = u64::MAX;
+                emit_iov(PROG_SYS_WRITE, ev, arg, count, u64::MAX);
+            }
+            _ => {
+                let (iov, cnt) = msg_iov(arg)?;
+                ev.header.call_len = u64::MAX;
+                emit_iov(PROG_SYS_WRITE, ev, iov, cnt, u64::MAX);
+            }
+        }
+    }
+    Some(())
+}
+
+#[inline(always)]
+unsafe fn on_recv_enter(ctx: &TracePointContext, shape: u32) -> Option<()> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if is_self(pid_tgid) {
+        return None;
+    }
+    stat(PROG_SYS_READ, STAT_HITS);
+    unsafe {
+        let fd: i64 = ctx.read_at(16).ok()?;
+        let arg: u64 = ctx.read_at(24).ok()?;
+        let count: u64 = ctx.read_at(32).ok()?;
+        let sk = tcp_sock_of_fd(fd)?;
+        if let Some(a) = ACTIVE.get(&pid_tgid) {
+            if a.is_read != 0 {
+                bind(PROG_SYS_READ, pid_tgid, a.ssl, fd as i32, sk);
+                return None;
+            }
+        }
+        if TLS_SOCKS.get(&(sk as u64)).is_some() {
+            return None;
+        }
+        if read_volatile(addr_of!(CONFIG.capture_plaintext)) == 0 {
+            return None;
+        }
+        let args = ReadArgs {
+            sk: sk as u64,
+            buf: arg,
+            count,
+            fd: fd as i32,
+            shape,
+        };
+        let _ = READS.insert(&pid_tgid, &args, 0);
+    }
+    Some(())
+}
+
+#[inline(always)]
+unsafe fn on_recv_exit(ctx: &TracePointContext) -> Option<()> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let args = unsafe { *READS.get(&pid_tgid)? };
+    let _ = READS.remove(&pid_tgid);
+    stat(PROG_SYS_READ_RET, STAT_HITS);
+    let ret: i64 = unsafe { ctx.read_at(16).ok()? };
+    if ret <= 0 {
+        return None;
+    }
+    let sk = args.sk as usize;
+    unsafe {
+        let ev = begin(
+            KIND_DATA,
+            DIR_INGRESS,
+            SOURCE_SYSCALL,
+            sk as u64,
+            sk,
+            args.fd,
+            ret as u64,
+        )?;
+        match args.shape {
+            SHAPE_BUF => {
+                emit_chunks(PROG_SYS_READ_RET, ev, args.buf, ret as u64, MAX_CHUNKS);
+            }
+            SHAPE_IOV => emit_iov(PROG_SYS_READ_RET, ev, args.buf, args.count, ret as u64),
+            _ => {
+                let (iov, cnt) = msg_iov(args.buf)?;
+                emit_iov(PROG_SYS_READ_RET, ev, iov, cnt, ret as u64);
+            }
+        }
+    }
+    Some(())
+}
+
+#[tracepoint]
+pub fn sys_enter_write(ctx: TracePointContext) -> u32 {
+    unsafe { on_send(&ctx, SHAPE_BUF) };
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_sendto(ctx: TracePointContext) -> u32 {
+    unsafe { on_send(&ctx, SHAPE_BUF) };
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_writev(ctx: TracePointContext) -> u32 {
+    unsafe { on_send(&ctx, SHAPE_IOV) };
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_sendmsg(ctx: TracePointContext) -> u32 {
+    unsafe { on_send(&ctx, SHAPE_MSG) };
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_read(ctx: TracePointContext) -> u32 {
+    unsafe { on_recv_enter(&ctx, SHAPE_BUF) };
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_recvfrom(ctx: TracePointContext) -> u32 {
+    unsafe { on_recv_enter(&ctx, SHAPE_BUF) };
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_readv(ctx: TracePointContext) -> u32 {
+    unsafe { on_recv_enter(&ctx, SHAPE_IOV) };
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_recvmsg(ctx: TracePointContext) -> u32 {
+    unsafe { on_recv_enter(&ctx, SHAPE_MSG) };
+    0
+}
+
+/// Attached to the exit of read, recvfrom, readv and recvmsg.
+#[tracepoint]
+pub fn sys_exit_recv(ctx: TracePointContext) -> u32 {
+    unsafe { on_recv_exit(&ctx) };
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if is_self(pid_tgid) {
+        return 0;
+    }
+    unsafe {
+        let Ok(fd) = ctx.read_at::<i64>(16) else {
+            return 0;
+        };
+        let Some(sk) = tcp_sock_of_fd(fd) else {
+            return 0;
+        };
+        stat(PROG_SYS_CLOSE, STAT_HITS);
+        if let Some(key) = TLS_SOCKS.get(&(sk as u64)) {
+            let key = *key;
+            let _ = SSL_CONN.remove(&key);
+            let _ = TLS_SOCKS.remove(&(sk as u64));
+        }
+        if let Some(ev) = begin(
+            KIND_CLOSE,
+            DIR_EGRESS,
+            SOURCE_SYSCALL,
+            sk as u64,
+            sk,
+            fd as i32,
+            0,
+        ) {
+            output(PROG_SYS_CLOSE, ev, 0);
+        }
+    }
+    0
+}
+
+/// `SSL_write(ssl, buf, num)` and `SSL_write_ex(ssl, buf, num, written)`: the plaintext is
+/// complete at entry, so no return probe is needed on the sending side.
+#[uprobe]
+pub fn ssl_write(ctx: ProbeContext) -> u32 {
+    unsafe { on_ssl_write(&ctx) };
+    0
+}
+
+#[inline(always)]
+unsafe fn on_ssl_write(ctx: &ProbeContext) -> Option<()> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if is_self(pid_tgid) {
+        return None;
+    }
+    stat(PROG_SSL_WRITE, STAT_HITS);
+    let ssl: u64 = ctx.arg(0)?;
+    let buf: u64 = ctx.arg(1)?;
+    // `int num` for SSL_write, `size_t` for _ex: the low half is right for both.
+    let num = ctx.arg::<u64>(2)? as u32;
+    if (num as i32) <= 0 {
+        return None;
+    }
+    let active = SslActive {
+        ssl,
+        ..Default::default()
+    };
+    let _ = ACTIVE.insert(&pid_tgid, &active, 0);
+    let key = SslKey {
+        tgid: pid_tgid >> 32,
+        ssl,
+    };
+    let (sk, fd) = match unsafe { SSL_CONN.get(&key) } {
+        Some(c) => (c.sk as usize, c.fd),
+        None => (0, -1),
+    };
+    unsafe {
+        let ev = begin(
+            KIND_DATA,
+            DIR_EGRESS,
+            SOURCE_OPENSSL,
+            ssl,
+            sk,
+            fd,
+            num as u64,
+        )?;
+        emit_chunks(PROG_SSL_WRITE, ev, buf, num as u64, MAX_CHUNKS);
+    }
+    Some(())
+}
+
+/// `SSL_read(ssl, buf, num)`: remember the buffer; the data is there at return.
+#[uprobe]
+pub fn ssl_read(ctx: ProbeContext) -> u32 {
+    unsafe { on_ssl_read(&ctx, false) };
+    0
+}
+
+/// `SSL_read_ex(ssl, buf, num, size_t *readbytes)`.
+#[uprobe]
+pub fn ssl_read_ex(ctx: ProbeContext) -> u32 {
+    unsafe { on_ssl_read(&ctx, true) };
+    0
+}
+
+#[inline(always)]
+unsafe fn on_ssl_read(ctx: &ProbeContext, ex: bool) -> Option<()> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if is_self(pid_tgid) {
+        return None;
+    }
+    stat(PROG_SSL_READ, STAT_HITS);
+    let active = SslActive {
+        ssl: ctx.arg(0)?,
+        buf: ctx.arg(1)?,
+        len: ctx.arg::<u64>(2)?,
+        out_len: if ex { ctx.arg(3)? } else { 0 },
+        is_read: 1,
+        _pad: 0,
+    };
+    let _ = ACTIVE.insert(&pid_tgid, &active, 0);
+    Some(())
+}
+
+/// Return of `SSL_read` and `SSL_read_ex`.
+#[uretprobe]
+pub fn ssl_read_ret(ctx: RetProbeContext) -> u32 {
+    unsafe { on_ssl_read_ret(&ctx) };
+    0
+}
+
+#[inline(always)]
+unsafe fn on_ssl_read_ret(ctx: &RetProbeContext) -> Option<()> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let a = unsafe { *ACTIVE.get(&pid_tgid)? };
+    let _ = ACTIVE.remove(&pid_tgid);
+    if a.is_read == 0 {
+        return None;
+    }
+    stat(PROG_SSL_READ_RET, STAT_HITS);
+    let ret = ctx.ret::<u64>() as u32 as i32;
+    let n: u64 = if a.out_len != 0 {
+        if ret != 1 {
+            return None;
+        }
+        unsafe { bpf_probe_read_user(a.out_len as *const u64).ok()? }
+    } else {
+        if ret <= 0 {
+            return None;
+        }
+        ret as u64
+    };
+    let key = SslKey {
+        tgid: pid_tgid >> 32,
+        ssl: a.ssl,
+    };
+    let (sk, fd) = match unsafe { SSL_CONN.get(&key) } {
+        Some(c) => (c.sk as usize, c.fd),
+        None => (0, -1),
+    };
+    unsafe {
+        let ev = begin(KIND_DATA, DIR_INGRESS, SOURCE_OPENSSL, a.ssl, sk, fd, n)?;
+        emit_chunks(PROG_SSL_READ_RET, ev, a.buf, n, MAX_CHUNKS);
+    }
+    Some(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

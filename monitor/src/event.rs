@@ -1,0 +1,214 @@
+//! Captured events as userspace sees them: decoded from the ring buffer, or read back from a
+//! recorded event log.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use anyhow::{Result, bail};
+use monitor_common::{
+    AF_INET, AF_INET6, DIR_INGRESS, EventHeader, FLAG_NO_FLOW, HEADER_LEN, KIND_CLOSE, KIND_DATA,
+    KIND_TLS_BIND, SOURCE_OPENSSL,
+};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Data,
+    TlsBind,
+    Close,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Egress,
+    Ingress,
+}
+
+/// Where the bytes were taken: a TLS library's plaintext, or a socket syscall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Syscall,
+    Openssl,
+}
+
+impl Source {
+    pub fn is_tls(self) -> bool {
+        self != Source::Syscall
+    }
+
+    pub fn library(self) -> Option<&'static str> {
+        match self {
+            Source::Syscall => None,
+            Source::Openssl => Some("openssl"),
+        }
+    }
+}
+
+/// The local and remote end of a TCP connection, from the observing process's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flow {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Event {
+    pub kind: Kind,
+    /// Monotonic kernel time (ns).
+    pub ts_ns: u64,
+    pub pid: u32,
+    pub tgid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    pub direction: Direction,
+    pub source: Source,
+    /// Stream identity within the process: `SSL *` or `struct sock *`.
+    pub conn: u64,
+    pub sk: u64,
+    pub fd: i32,
+    pub netns: u32,
+    pub flow: Option<Flow>,
+    /// Length of the whole call (`u64::MAX` when the kernel could not tell).
+    pub call_len: u64,
+    /// Offset of `data` within the call.
+    pub offset: u32,
+    #[serde(with = "b64")]
+    pub data: Vec<u8>,
+}
+
+impl Event {
+    /// Decodes one ring buffer record.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        if bytes.len() < HEADER_LEN {
+            bail!(
+                "record of {} bytes is shorter than the {HEADER_LEN}-byte header",
+                bytes.len()
+            );
+        }
+        // SAFETY: length checked; EventHeader is plain old data.
+        let h: EventHeader = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        let data = &bytes[HEADER_LEN..];
+        if (h.len as usize) > data.len() {
+            bail!("record claims {} data bytes, has {}", h.len, data.len());
+        }
+        let kind = match h.kind {
+            KIND_DATA => Kind::Data,
+            KIND_TLS_BIND => Kind::TlsBind,
+            KIND_CLOSE => Kind::Close,
+            k => bail!("unknown record kind {k}"),
+        };
+        let comm_len = h.comm.iter().position(|&b| b == 0).unwrap_or(h.comm.len());
+        Ok(Event {
+            kind,
+            ts_ns: h.ts_ns,
+            pid: h.pid_tgid as u32,
+            tgid: (h.pid_tgid >> 32) as u32,
+            comm: String::from_utf8_lossy(&h.comm[..comm_len]).into_owned(),
+            cgroup_id: h.cgroup_id,
+            direction: if h.direction == DIR_INGRESS {
+                Direction::Ingress
+            } else {
+                Direction::Egress
+            },
+            source: if h.source == SOURCE_OPENSSL {
+                Source::Openssl
+            } else {
+                Source::Syscall
+            },
+            conn: h.conn,
+            sk: h.sk,
+            fd: h.fd,
+            netns: h.netns,
+            flow: if h.flags & FLAG_NO_FLOW != 0 {
+                None
+            } else {
+                decode_flow(&h.flow)
+            },
+            call_len: h.call_len,
+            offset: h.offset,
+            data: data[..h.len as usize].to_vec(),
+        })
+    }
+}
+
+fn decode_flow(f: &monitor_common::Flow) -> Option<Flow> {
+    let (l, r): (IpAddr, IpAddr) = match f.family {
+        AF_INET => {
+            let s: [u8; 4] = f.saddr[..4].try_into().ok()?;
+            let d: [u8; 4] = f.daddr[..4].try_into().ok()?;
+            (Ipv4Addr::from(s).into(), Ipv4Addr::from(d).into())
+        }
+        AF_INET6 => {
+            let (s, d) = (Ipv6Addr::from(f.saddr), Ipv6Addr::from(f.daddr));
+            // Dual-stack sockets carry IPv4 peers as ::ffff:a.b.c.d: show them as IPv4.
+            (s.to_canonical(), d.to_canonical())
+        }
+        _ => return None,
+    };
+    Some(Flow {
+        local: SocketAddr::new(l, f.sport),
+        remote: SocketAddr::new(r, f.dport),
+    })
+}
+
+mod b64 {
+    use base64::{Engine, engine::general_purpose::STANDARD};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        STANDARD
+            .decode(s.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use monitor_common::{DataEvent, MAX_DATA};
+
+    fn raw(len: u32, family: u16) -> Vec<u8> {
+        let mut ev: DataEvent = unsafe { std::mem::zeroed() };
+        ev.header.kind = KIND_DATA;
+        ev.header.source = SOURCE_OPENSSL;
+        ev.header.len = len;
+        ev.header.pid_tgid = (7 << 32) | 9;
+        ev.header.comm[..4].copy_from_slice(b"curl");
+        ev.header.flow.family = family;
+        ev.header.flow.sport = 5555;
+        ev.header.flow.dport = 443;
+        ev.header.flow.saddr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        ev.header.flow.daddr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        ev.data[..5].copy_from_slice(b"GET /");
+        let bytes = unsafe {
+            std::slice::from_raw_parts(&ev as *const DataEvent as *const u8, HEADER_LEN + MAX_DATA)
+        };
+        bytes[..HEADER_LEN + len as usize].to_vec()
+    }
+
+    #[test]
+    fn decodes_header_flow_and_data() {
+        let e = Event::decode(&raw(5, AF_INET)).unwrap();
+        assert_eq!((e.tgid, e.pid, e.comm.as_str()), (7, 9, "curl"));
+        assert_eq!(e.data, b"GET /");
+        let f = e.flow.unwrap();
+        assert_eq!(f.local.to_string(), "10.0.0.2:5555");
+        assert_eq!(f.remote.to_string(), "10.0.0.1:443");
+        assert!(e.source.is_tls());
+    }
+
+    #[test]
+    fn rejects_short_and_lying_records() {
+        assert!(Event::decode(&[0u8; 10]).is_err());
+        let mut r = raw(5, AF_INET);
+        r.truncate(HEADER_LEN + 2);
+        assert!(Event::decode(&r).is_err());
+    }
+}

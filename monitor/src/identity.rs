@@ -1,0 +1,139 @@
+//! Who made a call: process (exe) and cgroup path from the cgroup id the kernel reports.
+
+use std::{
+    collections::HashMap,
+    fs,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+const MAX_CACHE: usize = 65536;
+
+pub struct Identity {
+    /// (tgid, comm) → exe; comm is in the key because exec keeps the pid.
+    exe: HashMap<(u32, String), Option<String>>,
+    cgroups: HashMap<u64, String>,
+    cgroup_root: Option<PathBuf>,
+    last_scan: Option<Instant>,
+}
+
+impl Default for Identity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Identity {
+    pub fn new() -> Self {
+        Identity {
+            exe: HashMap::new(),
+            cgroups: HashMap::new(),
+            cgroup_root: cgroup2_root(),
+            last_scan: None,
+        }
+    }
+
+    pub fn exe(&mut self, tgid: u32, comm: &str) -> Option<String> {
+        if self.exe.len() > MAX_CACHE {
+            self.exe.clear();
+        }
+        self.exe
+            .entry((tgid, comm.to_string()))
+            .or_insert_with(|| {
+                fs::read_link(format!("/proc/{tgid}/exe"))
+                    .ok()
+                    .map(|p| p.display().to_string())
+            })
+            .clone()
+    }
+
+    /// Path of the cgroup (v2) with this id, relative to the cgroup2 mount ("/a/b").
+    pub fn cgroup_path(&mut self, id: u64, tgid: u32) -> Option<String> {
+        if let Some(p) = self.cgroups.get(&id) {
+            return Some(p.clone());
+        }
+        let root = self.cgroup_root.clone()?;
+        // Fast path: the process's own cgroup file, checked against the id.
+        if let Ok(text) = fs::read_to_string(format!("/proc/{tgid}/cgroup")) {
+            for line in text.lines() {
+                if let Some(rel) = line.strip_prefix("0::")
+                    && inode(&root.join(rel.trim_start_matches('/'))) == Some(id)
+                {
+                    return Some(self.remember(id, rel.to_string()));
+                }
+            }
+        }
+        // Slow path: walk the hierarchy, at most once a second.
+        if self
+            .last_scan
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return None;
+        }
+        self.last_scan = Some(Instant::now());
+        let mut stack = vec![root.clone()];
+        let mut found = None;
+        while let Some(dir) = stack.pop() {
+            let Ok(rd) = fs::read_dir(&dir) else { continue };
+            if inode(&dir) == Some(id) {
+                found = Some(dir.clone());
+            }
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(e.path());
+                }
+            }
+        }
+        let rel = found?.strip_prefix(&root).ok()?.display().to_string();
+        Some(self.remember(id, format!("/{rel}")))
+    }
+
+    fn remember(&mut self, id: u64, path: String) -> String {
+        if self.cgroups.len() > MAX_CACHE {
+            self.cgroups.clear();
+        }
+        self.cgroups.insert(id, path.clone());
+        path
+    }
+}
+
+fn inode(p: &Path) -> Option<u64> {
+    fs::metadata(p).ok().map(|m| m.ino())
+}
+
+/// Mount point of the cgroup2 hierarchy (`/sys/fs/cgroup` or `/sys/fs/cgroup/unified`).
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        if post.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        Some(PathBuf::from(pre.split_whitespace().nth(4)?))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_own_cgroup_and_exe() {
+        let mut id = Identity::new();
+        let root = id.cgroup_root.clone().expect("cgroup2 mounted");
+        let own = fs::read_to_string("/proc/self/cgroup").unwrap();
+        let rel = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .unwrap()
+            .to_string();
+        let ino = inode(&root.join(rel.trim_start_matches('/'))).unwrap();
+        assert_eq!(
+            id.cgroup_path(ino, std::process::id()).as_deref(),
+            Some(rel.as_str())
+        );
+        let comm = fs::read_to_string("/proc/self/comm").unwrap();
+        assert!(id.exe(std::process::id(), comm.trim()).is_some());
+    }
+}

@@ -1,0 +1,47 @@
+//! `monitor`: watches east-west traffic for credentials and where they are used.
+
+mod credential;
+mod event;
+mod identity;
+mod parse;
+mod pipeline;
+mod probe;
+mod run;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(version, about = "eBPF east-west traffic monitor for credential reuse")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach the probes and report every HTTP request with its credentials (needs root or
+    /// CAP_BPF + CAP_PERFMON).
+    Run(run::RunArgs),
+}
+
+/// Default place of the fingerprint key; one key per cluster makes fingerprints agree.
+pub const DEFAULT_KEY_FILE: &str = "/var/lib/monitor/fingerprint.key";
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MONITOR_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(run::run(args))
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! `monitor run`: load, attach, drain the ring buffer, print one JSON line per request.
+
+use std::{io::Write, path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+};
+use tracing::{info, warn};
+
+use crate::{
+    credential::Fingerprinter,
+    event::Event,
+    identity::Identity,
+    pipeline::{self, Pipeline, RequestRecord},
+    probe::{self, ProbeSet, Probes},
+};
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Fingerprint key (hex); created with a random key, mode 0600, if missing.
+    #[arg(long, env = "MONITOR_KEY_FILE", default_value = crate::DEFAULT_KEY_FILE)]
+    pub key_file: PathBuf,
+    /// Which TLS probes to attach: `full` sees both sides, `egress` only senders (cheaper).
+    #[arg(long, value_enum, default_value_t = ProbeSet::Full)]
+    pub probes: ProbeSet,
+    /// Do not capture plaintext (non-TLS) TCP traffic.
+    #[arg(long)]
+    pub no_plaintext: bool,
+    /// Seconds between looks for newly loaded TLS libraries.
+    #[arg(long, default_value_t = 2)]
+    pub rescan_secs: u64,
+}
+
+fn write_records(out: &mut impl Write, recs: &mut Vec<RequestRecord>) {
+    for r in recs.drain(..) {
+        match serde_json::to_string(&r) {
+            Ok(line) => {
+                let _ = writeln!(out, "{line}");
+            }
+            Err(e) => warn!(error = %e, "cannot serialise a record"),
+        }
+    }
+    let _ = out.flush();
+}
+
+pub async fn run(args: RunArgs) -> Result<()> {
+    probe::check_privileges()?;
+    let fp = Fingerprinter::load_or_create(&args.key_file)?;
+    let mut probes = Probes::load(args.probes, !args.no_plaintext)?;
+    let libs = probe::libs::discover();
+    if libs.is_empty() {
+        warn!("no libssl found: TLS traffic through OpenSSL will not be seen");
+    }
+    probes.attach_openssl(&libs);
+    // SAFETY: the ring buffer map is owned by the AsyncFd, so its fd outlives the registration.
+    let mut ring =
+        unsafe { AsyncFd::register(probes.take_events()?) }.context("polling the ring buffer")?;
+    let mut pipe = Pipeline::new(fp, Identity::new(), pipeline::boot_offset_ns());
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut rescan = tokio::time::interval(Duration::from_secs(args.rescan_secs.max(1)));
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut recs = Vec::new();
+    let mut decode_errors = 0u64;
+    info!(libraries = probes.attached_libraries(), "monitor ready");
+
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                let rb = guard.get_inner_mut();
+                while let Some(item) = rb.next() {
+                    match Event::decode(&item) {
+                        Ok(ev) => pipe.handle(ev, &mut recs),
+                        Err(e) => {
+                            decode_errors += 1;
+                            warn!(error = %e, "undecodable ring buffer record");
+                        }
+                    }
+                }
+                guard.clear_ready();
+                write_records(&mut out, &mut recs);
+            }
+            _ = tick.tick() => {
+                pipe.flush(pipeline::monotonic_ns(), &mut recs);
+                write_records(&mut out, &mut recs);
+            }
+            _ = rescan.tick() => {
+                let n = probes.attach_openssl(&probe::libs::mapped_libssl());
+                if n > 0 {
+                    info!(new = n, "attached to newly loaded TLS libraries");
+                }
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+
+    // Drain what is already in the ring before detaching.
+    {
+        let rb = ring.get_mut();
+        while let Some(item) = rb.next() {
+            if let Ok(ev) = Event::decode(&item) {
+                pipe.handle(ev, &mut recs);
+            }
+        }
+    }
+    pipe.flush_all(&mut recs);
+    write_records(&mut out, &mut recs);
+    let kernel = probes.stats()?;
+    let lost: u64 = kernel.iter().map(|s| s.lost).sum();
+    let summary = serde_json::json!({
+        "events_lost": lost,
+        "decode_errors": decode_errors,
+        "kernel": kernel,
+        "pipeline": pipe.stats,
+    });
+    info!(summary = %summary, "monitor stopped");
+    if lost > 0 {
+        warn!(lost, "events were lost: the ring buffer was full");
+    }
+    drop(probes);
+    Ok(())
+}
