@@ -1,11 +1,5 @@
 //! `monitor`: watches east-west traffic for credentials and where they are used.
 
-mod credential;
-mod event;
-mod identity;
-mod parse;
-mod pipeline;
-mod probe;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -23,9 +17,6 @@ enum Command {
     /// CAP_BPF + CAP_PERFMON).
     Run(run::RunArgs),
 }
-
-/// Default place of the fingerprint key; one key per cluster makes fingerprints agree.
-pub const DEFAULT_KEY_FILE: &str = "/var/lib/monitor/fingerprint.key";
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()

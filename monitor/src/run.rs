@@ -10,7 +10,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use crate::{
+use monitor::{
     credential::Fingerprinter,
     event::Event,
     identity::Identity,
@@ -21,7 +21,7 @@ use crate::{
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// Fingerprint key (hex); created with a random key, mode 0600, if missing.
-    #[arg(long, env = "MONITOR_KEY_FILE", default_value = crate::DEFAULT_KEY_FILE)]
+    #[arg(long, env = "MONITOR_KEY_FILE", default_value = monitor::DEFAULT_KEY_FILE)]
     pub key_file: PathBuf,
     /// Which TLS probes to attach: `full` sees both sides, `egress` only senders (cheaper).
     #[arg(long, value_enum, default_value_t = ProbeSet::Full)]

@@ -1,0 +1,13 @@
+//! The monitor's userspace pipeline: probe → event → parsed request → credential observation
+//! → (detection) → sink. The `monitor` binary wires these together; tests, fuzz targets and
+//! benchmarks use them directly.
+
+pub mod credential;
+pub mod event;
+pub mod identity;
+pub mod parse;
+pub mod pipeline;
+pub mod probe;
+
+/// Default place of the fingerprint key; one key per cluster makes fingerprints agree.
+pub const DEFAULT_KEY_FILE: &str = "/var/lib/monitor/fingerprint.key";
