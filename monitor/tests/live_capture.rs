@@ -1,0 +1,298 @@
+//! Live capture tests (root): the real kernel programs against nginx, curl, openssl and Python
+//! clients in network namespaces and cgroups the tests create.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+
+const TOOLS: &[&str] = &["nginx", "curl", "openssl", "ip", "ss", "python3"];
+
+struct Setup {
+    lab: Lab,
+    server_cg: Cgroup,
+    client_cg: Cgroup,
+    nginx: Nginx,
+}
+
+fn setup() -> Setup {
+    require_root_and_tools(TOOLS);
+    let t = tag();
+    let lab = Lab::new(&t);
+    let server_cg = Cgroup::new(&format!("monitor-test-{t}-server"));
+    let client_cg = Cgroup::new(&format!("monitor-test-{t}-client"));
+    let nginx = Nginx::start(&lab, &server_cg);
+    Setup {
+        lab,
+        server_cg,
+        client_cg,
+        nginx,
+    }
+}
+
+impl Setup {
+    fn curl(&self, url: &str, headers: &[String]) -> u32 {
+        let resolve = format!(
+            "server.test:443:{ip},server.test:80:{ip}",
+            ip = self.lab.server_ip
+        );
+        let mut argv: Vec<String> =
+            vec!["curl".into(), "-sS".into(), "-o".into(), "/dev/null".into()];
+        for r in resolve.split(',') {
+            argv.extend(["--resolve".into(), r.into()]);
+        }
+        argv.extend(["--cacert".into(), self.nginx.cert.display().to_string()]);
+        for h in headers {
+            argv.extend(["-H".into(), h.clone()]);
+        }
+        argv.push(url.into());
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let mut child = self.client_cg.spawn(&self.lab.client_ns, &argv);
+        let pid = child.id();
+        assert!(child.wait().unwrap().success(), "curl failed");
+        pid
+    }
+
+    /// A Python client (SSL_write_ex/SSL_read_ex) sending one request in two writes.
+    fn python_split(&self, tls: bool, path: &str, first: &str, second: &str) -> u32 {
+        let script = r#"
+import socket, ssl, sys, time
+ip, port, tls, cafile, first, second = sys.argv[1:7]
+s = socket.create_connection((ip, int(port)))
+if tls == "1":
+    s = ssl.create_default_context(cafile=cafile).wrap_socket(s, server_hostname="server.test")
+s.sendall(first.encode())
+time.sleep(0.3)
+s.sendall(second.encode())
+data = b""
+while True:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    data += chunk
+assert b" 200 " in data, data
+"#;
+        let port = if tls { "443" } else { "80" };
+        let head =
+            format!("GET {path} HTTP/1.1\r\nHost: server.test\r\nConnection: close\r\n{first}");
+        let cert = self.nginx.cert.display().to_string();
+        let mut child = self.client_cg.spawn(
+            &self.lab.client_ns,
+            &[
+                "/usr/bin/python3",
+                "-c",
+                script,
+                &self.lab.server_ip,
+                port,
+                if tls { "1" } else { "0" },
+                &cert,
+                &head,
+                second,
+            ],
+        );
+        let pid = child.id();
+        assert!(child.wait().unwrap().success(), "python client failed");
+        pid
+    }
+}
+
+fn token() -> String {
+    format!("tok-{}", random_hex(24))
+}
+
+fn bearer(t: &str) -> String {
+    format!("Authorization: Bearer {t}")
+}
+
+/// The one record of the request at `path` seen from `side`, with its assertions' context.
+fn one<'a>(out: &'a Output, side: &str, path: &str) -> &'a Value {
+    let found = out.find(&[("/side", json!(side)), ("/path", json!(path))]);
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one {side} record for {path}, got {found:#?}\nall: {:#?}",
+        out.records
+    );
+    found[0]
+}
+
+#[test]
+fn tls_request_reports_client_process_cgroup_flow_and_fingerprint() {
+    let _g = serial();
+    let s = setup();
+    let mon = Monitor::start(&[]);
+    let tok = token();
+    let pid = s.curl("https://server.test/api/orders?id=7", &[bearer(&tok)]);
+    let want_fp = mon.fingerprint(&tok);
+    let out = mon.stop();
+
+    let r = one(&out, "client", "/api/orders?id=7");
+    assert_eq!(r["pid"], json!(pid));
+    assert_eq!(r["comm"], json!("curl"));
+    assert_eq!(r["exe"], json!("/usr/bin/curl"));
+    assert_eq!(r["cgroup"], json!(s.client_cg.path));
+    assert_eq!(r["cgroup_id"], json!(s.client_cg.id));
+    assert_eq!(
+        r["destination"],
+        json!({"ip": s.lab.server_ip, "port": 443})
+    );
+    assert_eq!(r["source"]["ip"], json!(s.lab.client_ip));
+    assert_eq!(r["tls"], json!(true));
+    assert_eq!(r["library"], json!("openssl"));
+    assert_eq!(r["method"], json!("GET"));
+    assert_eq!(r["host"], json!("server.test"));
+    assert_eq!(
+        r["credentials"],
+        json!([{"header": "authorization", "kind": "bearer", "fingerprint": want_fp}])
+    );
+    assert_eq!(out.events_lost(), 0);
+    out.assert_no_secret(&tok);
+}
+
+#[test]
+fn tls_server_side_is_seen_through_ssl_read() {
+    let _g = serial();
+    let s = setup();
+    let mon = Monitor::start(&[]);
+    let tok = token();
+    s.curl("https://server.test/server-side", &[bearer(&tok)]);
+    let want_fp = mon.fingerprint(&tok);
+    let out = mon.stop();
+
+    let r = one(&out, "server", "/server-side");
+    assert_eq!(r["comm"], json!("nginx"));
+    assert_eq!(r["cgroup"], json!(s.server_cg.path));
+    assert_eq!(r["tls"], json!(true));
+    assert_eq!(
+        r["destination"],
+        json!({"ip": s.lab.server_ip, "port": 443})
+    );
+    assert_eq!(r["source"]["ip"], json!(s.lab.client_ip));
+    assert_eq!(r["credentials"][0]["fingerprint"], json!(want_fp));
+    assert_eq!(out.events_lost(), 0);
+    out.assert_no_secret(&tok);
+}
+
+#[test]
+fn plaintext_request_is_reported_with_tls_false() {
+    let _g = serial();
+    let s = setup();
+    let mon = Monitor::start(&[]);
+    let tok = token();
+    let pid = s.curl("http://server.test/plain", &[bearer(&tok)]);
+    let want_fp = mon.fingerprint(&tok);
+    let out = mon.stop();
+
+    let r = one(&out, "client", "/plain");
+    assert_eq!(r["pid"], json!(pid));
+    assert_eq!(r["tls"], json!(false));
+    assert_eq!(r["library"], json!(null));
+    assert_eq!(r["destination"], json!({"ip": s.lab.server_ip, "port": 80}));
+    assert_eq!(r["cgroup"], json!(s.client_cg.path));
+    assert_eq!(r["credentials"][0]["fingerprint"], json!(want_fp));
+    // nginx reads the same request with read(2).
+    let srv = one(&out, "server", "/plain");
+    assert_eq!(srv["tls"], json!(false));
+    assert_eq!(srv["credentials"][0]["fingerprint"], json!(want_fp));
+    assert_eq!(out.events_lost(), 0);
+    out.assert_no_secret(&tok);
+}
+
+#[test]
+fn client_process_started_after_the_monitor_is_seen() {
+    let _g = serial();
+    let s = setup();
+    let mon = Monitor::start(&[]);
+    // A process that did not exist when the probes were attached, with another TLS client
+    // stack on top of libssl (Python's ssl module: SSL_write_ex/SSL_read_ex).
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let tok = token();
+    let pid = s.python_split(true, "/late", &format!("{}\r\n\r\n", bearer(&tok)), "");
+    let want_fp = mon.fingerprint(&tok);
+    let out = mon.stop();
+
+    let r = one(&out, "client", "/late");
+    assert_eq!(r["pid"], json!(pid));
+    assert_eq!(r["tls"], json!(true));
+    assert_eq!(r["credentials"][0]["fingerprint"], json!(want_fp));
+    assert_eq!(out.events_lost(), 0);
+}
+
+#[test]
+fn headers_split_over_two_writes_are_reported_whole() {
+    let _g = serial();
+    let s = setup();
+    let mon = Monitor::start(&[]);
+    let tok = token();
+    // The Authorization header itself is cut in the middle of its name.
+    let tls_pid = s.python_split(
+        true,
+        "/split-tls",
+        "Authorization: Bea",
+        &format!("rer {tok}\r\n\r\n"),
+    );
+    let plain_pid = s.python_split(
+        false,
+        "/split-plain",
+        "Authorization: Bea",
+        &format!("rer {tok}\r\n\r\n"),
+    );
+    let want_fp = mon.fingerprint(&tok);
+    let out = mon.stop();
+
+    for (path, pid, tls) in [
+        ("/split-tls", tls_pid, true),
+        ("/split-plain", plain_pid, false),
+    ] {
+        let r = one(&out, "client", path);
+        assert_eq!(r["pid"], json!(pid));
+        assert_eq!(r["tls"], json!(tls));
+        assert_eq!(
+            r["credentials"],
+            json!([{"header": "authorization", "kind": "bearer", "fingerprint": want_fp}])
+        );
+        let srv = one(&out, "server", path);
+        assert_eq!(srv["credentials"][0]["fingerprint"], json!(want_fp));
+    }
+    assert_eq!(out.events_lost(), 0);
+    out.assert_no_secret(&tok);
+}
+
+/// A JWT-shaped token of about `size` bytes (header.payload.signature, base64url).
+fn big_jwt(size: usize) -> String {
+    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
+    let header = B64.encode(br#"{"alg":"RS256","typ":"JWT","kid":"k1"}"#);
+    let pad = "x".repeat(size.saturating_sub(600) * 3 / 4);
+    let payload = B64.encode(format!(
+        r#"{{"iss":"https://issuer.test","sub":"svc-payments","exp":4102444800,"pad":"{pad}"}}"#
+    ));
+    let sig = B64.encode(random_hex(256).as_bytes());
+    format!("{header}.{payload}.{sig}")
+}
+
+#[test]
+fn long_jwt_and_a_request_larger_than_one_copy_are_reported_whole() {
+    let _g = serial();
+    let s = setup();
+    let mon = Monitor::start(&[]);
+    let jwt = big_jwt(3 * 1024);
+    assert!(jwt.len() >= 3 * 1024, "{}", jwt.len());
+    s.curl("https://server.test/jwt", &[bearer(&jwt)]);
+    // Headers of ~9 KiB: the kernel copies them in 4 KiB pieces.
+    let tok = token();
+    let filler = format!("X-Filler: {}", "f".repeat(8 * 1024));
+    s.curl("https://server.test/big-head", &[filler, bearer(&tok)]);
+    let (fp_jwt, fp_tok) = (mon.fingerprint(&jwt), mon.fingerprint(&tok));
+    let out = mon.stop();
+
+    for side in ["client", "server"] {
+        let r = one(&out, side, "/jwt");
+        assert_eq!(r["credentials"][0]["kind"], json!("bearer-jwt"));
+        assert_eq!(r["credentials"][0]["fingerprint"], json!(fp_jwt));
+        let r = one(&out, side, "/big-head");
+        assert_eq!(r["credentials"][0]["fingerprint"], json!(fp_tok));
+    }
+    assert_eq!(out.events_lost(), 0);
+    out.assert_no_secret(&jwt);
+    out.assert_no_secret(&tok);
+}
