@@ -53,17 +53,41 @@ pub struct Flow {
     pub remote: SocketAddr,
 }
 
+/// Version of the recorded event log format (`v` on every line).
+pub const LOG_VERSION: u32 = 1;
+
+/// One captured chunk. Serialised one per line, this is the event log of
+/// `monitor run --record` and `monitor replay` (format in `docs/event-log.md`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Event {
+    #[serde(default = "log_version")]
+    pub v: u32,
     pub kind: Kind,
+    /// Wall-clock time, ns since the Unix epoch (set by enrichment).
+    #[serde(default)]
+    pub time_ns: u64,
+    /// Node (host) name (set by enrichment).
+    #[serde(default)]
+    pub node: String,
     /// Monotonic kernel time (ns).
     pub ts_ns: u64,
     pub pid: u32,
     pub tgid: u32,
     pub comm: String,
+    /// Executable, resolved from /proc at capture time.
+    #[serde(default)]
+    pub exe: Option<String>,
     pub cgroup_id: u64,
+    /// cgroup (v2) path, resolved at capture time.
+    #[serde(default)]
+    pub cgroup: Option<String>,
     pub direction: Direction,
     pub source: Source,
+    /// Derived from `source`; in the log for readers that do not know the sources.
+    #[serde(default)]
+    pub tls: bool,
+    #[serde(default)]
+    pub library: Option<String>,
     /// Stream identity within the process: `SSL *` or `struct sock *`.
     pub conn: u64,
     pub sk: u64,
@@ -100,8 +124,16 @@ impl Event {
             k => bail!("unknown record kind {k}"),
         };
         let comm_len = h.comm.iter().position(|&b| b == 0).unwrap_or(h.comm.len());
+        let source = if h.source == SOURCE_OPENSSL { Source::Openssl } else { Source::Syscall };
         Ok(Event {
+            v: LOG_VERSION,
             kind,
+            time_ns: 0,
+            node: String::new(),
+            exe: None,
+            cgroup: None,
+            tls: source.is_tls(),
+            library: source.library().map(str::to_string),
             ts_ns: h.ts_ns,
             pid: h.pid_tgid as u32,
             tgid: (h.pid_tgid >> 32) as u32,
@@ -131,6 +163,10 @@ impl Event {
             data: data[..h.len as usize].to_vec(),
         })
     }
+}
+
+fn log_version() -> u32 {
+    LOG_VERSION
 }
 
 fn decode_flow(f: &monitor_common::Flow) -> Option<Flow> {
@@ -202,6 +238,17 @@ mod tests {
         assert_eq!(f.local.to_string(), "10.0.0.2:5555");
         assert_eq!(f.remote.to_string(), "10.0.0.1:443");
         assert!(e.source.is_tls());
+    }
+
+    #[test]
+    fn log_lines_round_trip() {
+        let e = Event::decode(&raw(5, AF_INET)).unwrap();
+        let line = serde_json::to_string(&e).unwrap();
+        assert!(line.contains(r#""data":"R0VUIC8=""#), "{line}");
+        let back: Event = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.data, e.data);
+        assert_eq!(back.flow, e.flow);
+        assert_eq!(back.v, LOG_VERSION);
     }
 
     #[test]

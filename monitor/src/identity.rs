@@ -34,6 +34,17 @@ impl Identity {
         }
     }
 
+    /// Fills in what the kernel cannot see: wall-clock time, node, executable, cgroup path.
+    /// Done once per event before it is recorded or parsed, so replay needs no /proc.
+    pub fn enrich(&mut self, ev: &mut crate::event::Event, boot_offset_ns: i128, node: &str) {
+        ev.time_ns = (ev.ts_ns as i128 + boot_offset_ns).max(0) as u64;
+        ev.node = node.to_string();
+        if ev.kind == crate::event::Kind::Data {
+            ev.exe = self.exe(ev.tgid, &ev.comm);
+            ev.cgroup = self.cgroup_path(ev.cgroup_id, ev.tgid);
+        }
+    }
+
     pub fn exe(&mut self, tgid: u32, comm: &str) -> Option<String> {
         if self.exe.len() > MAX_CACHE {
             self.exe.clear();
@@ -112,6 +123,11 @@ pub fn cgroup2_root() -> Option<PathBuf> {
         }
         Some(PathBuf::from(pre.split_whitespace().nth(4)?))
     })
+}
+
+/// This host's name, the default node name.
+pub fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! `monitor`: watches east-west traffic for credentials and where they are used.
 
+mod replay;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -16,6 +17,8 @@ enum Command {
     /// Attach the probes and report every HTTP request with its credentials (needs root or
     /// CAP_BPF + CAP_PERFMON).
     Run(run::RunArgs),
+    /// Run the same pipeline on a recorded event log, without the kernel (no root needed).
+    Replay(replay::ReplayArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,5 +38,6 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(run::run(args))
         }
+        Command::Replay(args) => replay::replay(args),
     }
 }

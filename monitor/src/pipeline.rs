@@ -16,7 +16,6 @@ use serde::Serialize;
 use crate::{
     credential::{self, Credential, Fingerprinter},
     event::{Direction, Event, Flow, Kind, Source},
-    identity::Identity,
     parse::{
         Message,
         http1::{self, Http1Parser, ParseError},
@@ -111,13 +110,10 @@ struct Conn {
 
 pub struct Pipeline {
     fp: Fingerprinter,
-    identity: Identity,
     conns: HashMap<(u32, u64), Conn>,
     /// (tgid, sk) → SSL conn ids, to drop TLS streams when their socket closes.
     tls_by_sk: HashMap<(u32, u64), u64>,
     pending: HashSet<(u32, u64)>,
-    /// Wall clock minus monotonic clock, to turn kernel timestamps into times.
-    boot_offset_ns: i128,
     pub stats: PipelineStats,
 }
 
@@ -136,20 +132,19 @@ pub fn boot_offset_ns() -> i128 {
 }
 
 impl Pipeline {
-    pub fn new(fp: Fingerprinter, identity: Identity, boot_offset_ns: i128) -> Self {
+    /// Events must be enriched (time, exe, cgroup: `Identity::enrich`) before they get here.
+    pub fn new(fp: Fingerprinter) -> Self {
         Pipeline {
             fp,
-            identity,
             conns: HashMap::new(),
             tls_by_sk: HashMap::new(),
             pending: HashSet::new(),
-            boot_offset_ns,
             stats: PipelineStats::default(),
         }
     }
 
-    fn time(&self, ts_ns: u64) -> String {
-        let ns = (ts_ns as i128 + self.boot_offset_ns).max(0) as u128;
+    fn time(time_ns: u64) -> String {
+        let ns = time_ns as u128;
         let t =
             UNIX_EPOCH + Duration::new((ns / 1_000_000_000) as u64, (ns % 1_000_000_000) as u32);
         humantime::format_rfc3339_micros(t).to_string()
@@ -317,9 +312,7 @@ impl Pipeline {
         path: String,
         credentials: Vec<Credential>,
     ) -> RequestRecord {
-        let exe = self.identity.exe(ev.tgid, &ev.comm);
-        let cgroup = self.identity.cgroup_path(ev.cgroup_id, ev.tgid);
-        let time = self.time(ev.ts_ns);
+        let time = Self::time(ev.time_ns);
         let conn = &self.conns[&key];
         let side = if ev.direction == Direction::Egress {
             "client"
@@ -331,9 +324,9 @@ impl Pipeline {
             pid: ev.tgid,
             tid: ev.pid,
             comm: ev.comm.clone(),
-            exe,
+            exe: ev.exe.clone(),
             cgroup_id: ev.cgroup_id,
-            cgroup,
+            cgroup: ev.cgroup.clone(),
             netns: conn.netns,
             side,
             source: None,

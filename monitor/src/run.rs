@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use monitor::{
     credential::Fingerprinter,
     event::Event,
-    identity::Identity,
+    identity::{self, Identity},
     pipeline::{self, Pipeline, RequestRecord},
     probe::{self, ProbeSet, Probes},
 };
@@ -32,9 +32,48 @@ pub struct RunArgs {
     /// Seconds between looks for newly loaded TLS libraries.
     #[arg(long, default_value_t = 2)]
     pub rescan_secs: u64,
+    /// Also write every captured event to FILE (JSON lines, for `monitor replay`).
+    /// WARNING: the file holds captured PLAINTEXT, credentials included; it is created 0600.
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
+    /// Node name carried in events and records (default: the host name).
+    #[arg(long, env = "MONITOR_NODE")]
+    pub node: Option<String>,
 }
 
-fn write_records(out: &mut impl Write, recs: &mut Vec<RequestRecord>) {
+/// The event log: plaintext on disk, so owner-only and announced loudly.
+pub struct Recorder {
+    out: std::io::BufWriter<std::fs::File>,
+}
+
+impl Recorder {
+    pub fn create(path: &std::path::Path) -> Result<Self> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        // An existing file keeps its mode on open: force 0600.
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        warn!(path = %path.display(), "recording captured plaintext, credentials included: protect and delete this file");
+        Ok(Recorder { out: std::io::BufWriter::new(f) })
+    }
+
+    pub fn write(&mut self, ev: &Event) -> Result<()> {
+        serde_json::to_writer(&mut self.out, ev)?;
+        self.out.write_all(b"\n")?;
+        Ok(())
+    }
+
+    pub fn flush(&mut self) -> Result<()> {
+        Ok(self.out.flush()?)
+    }
+}
+
+pub fn write_records(out: &mut impl Write, recs: &mut Vec<RequestRecord>) {
     for r in recs.drain(..) {
         match serde_json::to_string(&r) {
             Ok(line) => {
@@ -58,7 +97,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // SAFETY: the ring buffer map is owned by the AsyncFd, so its fd outlives the registration.
     let mut ring =
         unsafe { AsyncFd::register(probes.take_events()?) }.context("polling the ring buffer")?;
-    let mut pipe = Pipeline::new(fp, Identity::new(), pipeline::boot_offset_ns());
+    let mut pipe = Pipeline::new(fp);
+    let mut identity = Identity::new();
+    let boot_offset = pipeline::boot_offset_ns();
+    let node = args.node.clone().unwrap_or_else(identity::hostname);
+    let mut recorder = args.record.as_deref().map(Recorder::create).transpose()?;
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -77,7 +120,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 let rb = guard.get_inner_mut();
                 while let Some(item) = rb.next() {
                     match Event::decode(&item) {
-                        Ok(ev) => pipe.handle(ev, &mut recs),
+                        Ok(mut ev) => {
+                            identity.enrich(&mut ev, boot_offset, &node);
+                            if let Some(r) = recorder.as_mut() {
+                                r.write(&ev)?;
+                            }
+                            pipe.handle(ev, &mut recs);
+                        }
                         Err(e) => {
                             decode_errors += 1;
                             warn!(error = %e, "undecodable ring buffer record");
@@ -85,6 +134,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     }
                 }
                 guard.clear_ready();
+                if let Some(r) = recorder.as_mut() {
+                    r.flush()?;
+                }
                 write_records(&mut out, &mut recs);
             }
             _ = tick.tick() => {
@@ -106,10 +158,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
     {
         let rb = ring.get_mut();
         while let Some(item) = rb.next() {
-            if let Ok(ev) = Event::decode(&item) {
+            if let Ok(mut ev) = Event::decode(&item) {
+                identity.enrich(&mut ev, boot_offset, &node);
+                if let Some(r) = recorder.as_mut() {
+                    r.write(&ev)?;
+                }
                 pipe.handle(ev, &mut recs);
             }
         }
+    }
+    if let Some(r) = recorder.as_mut() {
+        r.flush()?;
     }
     pipe.flush_all(&mut recs);
     write_records(&mut out, &mut recs);

@@ -296,3 +296,71 @@ fn long_jwt_and_a_request_larger_than_one_copy_are_reported_whole() {
     out.assert_no_secret(&jwt);
     out.assert_no_secret(&tok);
 }
+
+#[test]
+fn replay_of_a_recorded_log_reproduces_the_live_output() {
+    use std::os::unix::fs::PermissionsExt;
+    let _g = serial();
+    let s = setup();
+    // The log holds plaintext by design: it lives outside the monitor's scanned directory.
+    let logdir = tempfile::tempdir().unwrap();
+    let log = logdir.path().join("events.jsonl");
+    let mon = Monitor::start(&["--record", log.to_str().unwrap(), "--node", "node-a"]);
+    let key = mon.key_file.clone();
+    let keep = tempfile::tempdir().unwrap();
+    let tok = token();
+    s.curl("https://server.test/rec-tls", &[bearer(&tok)]);
+    s.curl("http://server.test/rec-plain", &[bearer(&tok)]);
+    s.python_split(
+        true,
+        "/rec-split",
+        "Authorization: Bea",
+        &format!("rer {tok}\r\n\r\n"),
+    );
+    let key_copy = keep.path().join("key");
+    std::fs::copy(&key, &key_copy).unwrap();
+    let live = mon.stop();
+    out_has_paths(&live, &["/rec-tls", "/rec-plain", "/rec-split"]);
+    live.assert_no_secret(&tok);
+    assert_eq!(
+        std::fs::metadata(&log).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    let replay = std::process::Command::new(env!("CARGO_BIN_EXE_monitor"))
+        .args([
+            "replay",
+            "--events",
+            log.to_str().unwrap(),
+            "--key-file",
+            key_copy.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        replay.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    let stdout = String::from_utf8(replay.stdout).unwrap();
+    let mut replayed: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut lived = live.records.clone();
+    let key_of = |v: &Value| v.to_string();
+    replayed.sort_by_key(key_of);
+    lived.sort_by_key(key_of);
+    assert_eq!(replayed, lived, "replay differs from the live output");
+    assert!(!stdout.contains(&tok) && !String::from_utf8_lossy(&replay.stderr).contains(&tok));
+}
+
+fn out_has_paths(out: &Output, paths: &[&str]) {
+    for p in paths {
+        assert!(
+            !out.find(&[("/path", json!(p))]).is_empty(),
+            "no record for {p}: {:#?}",
+            out.records
+        );
+    }
+}
