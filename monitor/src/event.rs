@@ -124,7 +124,11 @@ impl Event {
             k => bail!("unknown record kind {k}"),
         };
         let comm_len = h.comm.iter().position(|&b| b == 0).unwrap_or(h.comm.len());
-        let source = if h.source == SOURCE_OPENSSL { Source::Openssl } else { Source::Syscall };
+        let source = if h.source == SOURCE_OPENSSL {
+            Source::Openssl
+        } else {
+            Source::Syscall
+        };
         Ok(Event {
             v: LOG_VERSION,
             kind,

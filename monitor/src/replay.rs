@@ -30,7 +30,8 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
         Box::new(BufReader::new(std::io::stdin()))
     } else {
         Box::new(BufReader::new(
-            File::open(&args.events).with_context(|| format!("opening {}", args.events.display()))?,
+            File::open(&args.events)
+                .with_context(|| format!("opening {}", args.events.display()))?,
         ))
     };
     let mut pipe = Pipeline::new(fp);

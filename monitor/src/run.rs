@@ -59,7 +59,9 @@ impl Recorder {
         // An existing file keeps its mode on open: force 0600.
         f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         warn!(path = %path.display(), "recording captured plaintext, credentials included: protect and delete this file");
-        Ok(Recorder { out: std::io::BufWriter::new(f) })
+        Ok(Recorder {
+            out: std::io::BufWriter::new(f),
+        })
     }
 
     pub fn write(&mut self, ev: &Event) -> Result<()> {
