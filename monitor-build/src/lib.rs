@@ -216,6 +216,7 @@ fn ensure_docs_sysroot(rustc: &Path, sysroot: &Path, cache: &Path) -> Result<Pat
     let lib = out.join(format!("lib/rustlib/{BPF_TARGET}/lib"));
     fs::create_dir_all(&lib)?;
     let core_rs = src.join("library/core/src/lib.rs");
+    let missing_re = regex::Regex::new(r"couldn't read `([^`]*)`")?;
     // Files that core pulls in with include_str! for docs only are not in the HTML: stub them.
     for _ in 0..50 {
         let o = clean_command(rustc)
@@ -245,7 +246,7 @@ fn ensure_docs_sysroot(rustc: &Path, sysroot: &Path, cache: &Path) -> Result<Pat
             return finish_sysroot(rustc, &out, &lib, &src, &stamp);
         }
         let err = String::from_utf8_lossy(&o.stderr);
-        let missing: Vec<&str> = regex::Regex::new(r"couldn't read `([^`]*)`")?
+        let missing: Vec<&str> = missing_re
             .captures_iter(&err)
             .map(|c| c.get(1).map_or("", |m| m.as_str()))
             .collect();

@@ -44,10 +44,10 @@ fn is_jwt(token: &[u8]) -> bool {
 pub fn extract(headers: &[Header], fp: &Fingerprinter) -> Vec<Credential> {
     let mut out = Vec::new();
     for h in headers {
-        if h.name == "authorization" || h.name == "proxy-authorization" {
-            if let Some(c) = authorization(&h.name, &h.value, fp) {
-                out.push(c);
-            }
+        if (h.name == "authorization" || h.name == "proxy-authorization")
+            && let Some(c) = authorization(&h.name, &h.value, fp)
+        {
+            out.push(c);
         }
     }
     out

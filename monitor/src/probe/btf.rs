@@ -51,7 +51,7 @@ fn field_offset(btf: &Btf, name: &str, path: &[&str]) -> Result<u32> {
         bits += off;
         ty = next;
     }
-    if bits % 8 != 0 {
+    if !bits.is_multiple_of(8) {
         bail!("{name}.{} is a bit field", path.join("."));
     }
     Ok(bits / 8)
