@@ -65,8 +65,9 @@ pub struct RequestRecord {
     pub host: Option<String>,
     pub path: String,
     pub credentials: Vec<Credential>,
+    /// Kernel time of the event that completed the request (latency measurements).
     #[serde(skip)]
-    ts_ns: u64,
+    pub ts_ns: u64,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]

@@ -75,6 +75,49 @@ impl Recorder {
     }
 }
 
+/// Time from the kernel event that completed a request to its record being written,
+/// sampled for the exit summary (bounded: at most `MAX_SAMPLES` kept).
+#[derive(Default)]
+struct Latency {
+    samples: Vec<u32>,
+    seen: u64,
+}
+
+const MAX_SAMPLES: usize = 1 << 20;
+
+impl Latency {
+    fn observe(&mut self, recs: &[RequestRecord]) {
+        if recs.is_empty() {
+            return;
+        }
+        let now = pipeline::monotonic_ns();
+        for r in recs {
+            self.seen += 1;
+            let us = (now.saturating_sub(r.ts_ns) / 1000).min(u32::MAX as u64) as u32;
+            if self.samples.len() < MAX_SAMPLES {
+                self.samples.push(us);
+            } else {
+                // Reservoir sampling keeps the distribution of the whole run.
+                let j = (self.seen.wrapping_mul(0x9E37_79B9_7F4A_7C15) % self.seen) as usize;
+                if j < MAX_SAMPLES {
+                    self.samples[j] = us;
+                }
+            }
+        }
+    }
+
+    fn summary(&mut self) -> serde_json::Value {
+        self.samples.sort_unstable();
+        let q = |p: f64| -> u32 {
+            if self.samples.is_empty() {
+                return 0;
+            }
+            self.samples[((self.samples.len() - 1) as f64 * p) as usize]
+        };
+        serde_json::json!({"records": self.seen, "p50_us": q(0.5), "p99_us": q(0.99), "max_us": q(1.0)})
+    }
+}
+
 pub fn write_records(out: &mut impl Write, recs: &mut Vec<RequestRecord>) {
     for r in recs.drain(..) {
         match serde_json::to_string(&r) {
@@ -113,6 +156,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut recs = Vec::new();
     let mut decode_errors = 0u64;
+    let mut latency = Latency::default();
     info!(libraries = probes.attached_libraries(), "monitor ready");
 
     loop {
@@ -139,6 +183,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 if let Some(r) = recorder.as_mut() {
                     r.flush()?;
                 }
+                latency.observe(&recs);
                 write_records(&mut out, &mut recs);
             }
             _ = tick.tick() => {
@@ -179,6 +224,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let summary = serde_json::json!({
         "events_lost": lost,
         "decode_errors": decode_errors,
+        "latency_event_to_record": latency.summary(),
         "kernel": kernel,
         "pipeline": pipe.stats,
     });

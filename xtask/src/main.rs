@@ -1,4 +1,6 @@
-//! Project tasks: `cargo xtask setup | build | run | test`.
+//! Project tasks: `cargo xtask setup | build | run | test | bench`.
+
+mod bench;
 
 use std::{
     path::{Path, PathBuf},
@@ -31,6 +33,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Benchmarks (as root): ratios against baselines measured in the same run.
+    #[command(subcommand)]
+    Bench(bench::Bench),
     /// Set up, then run every test, the live eBPF ones included (as root).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -49,7 +54,7 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("ldconfig", "libc-bin"),
 ];
 
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root")
@@ -67,14 +72,14 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn have(cmd: &str) -> bool {
+pub(crate) fn have(cmd: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {cmd}")])
         .output()
         .is_ok_and(|o| o.status.success())
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let st = cmd
         .status()
         .with_context(|| format!("cannot start {cmd:?}"))?;
@@ -90,6 +95,11 @@ fn install_packages() -> Result<()> {
         .filter(|(c, _)| !have(c))
         .map(|(_, p)| *p)
         .collect();
+    apt_install(&missing)
+}
+
+/// Installs Debian packages (as root), keeping their scripts from starting services.
+pub(crate) fn apt_install(missing: &[&str]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
@@ -112,7 +122,7 @@ fn install_packages() -> Result<()> {
     let r = run(Command::new("apt-get")
         .env("DEBIAN_FRONTEND", "noninteractive")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing));
+        .args(missing));
     if made_policy {
         let _ = std::fs::remove_file(policy);
     }
@@ -139,7 +149,7 @@ fn setup(packages: bool) -> Result<()> {
     Ok(())
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.current_dir(root());
     c
@@ -166,6 +176,16 @@ fn main() -> Result<()> {
                 args.insert(0, "run".into());
             }
             run(Command::new(bin).args(args))
+        }
+        Task::Bench(b) => {
+            if !is_root() {
+                bail!("benchmarks attach eBPF programs: run as root");
+            }
+            setup(false)?;
+            match b {
+                bench::Bench::Overhead(a) => bench::overhead(a),
+                bench::Bench::Load(a) => bench::load(a),
+            }
         }
         Task::Test { args } => {
             if !is_root() {

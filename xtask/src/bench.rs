@@ -1,0 +1,552 @@
+//! `cargo xtask bench overhead | load`: the monitor on real TLS traffic (nginx + wrk/h2load on
+//! loopback), beside the empty-probe floor for the same probes and a bpftrace capture peer.
+//! Every figure is a ratio to a baseline measured in the same invocation, in alternating
+//! rounds so that noise hits all configurations alike.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+#[derive(Subcommand)]
+pub enum Bench {
+    /// Requests/s of TLS keep-alive traffic: bare, empty-probe floor, bpftrace peer, monitor.
+    Overhead(OverheadArgs),
+    /// Fixed request rates (plaintext and TLS): events lost and event-to-record latency.
+    Load(LoadArgs),
+}
+
+#[derive(Args)]
+pub struct OverheadArgs {
+    /// Rounds; each round runs every configuration once, in turn.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Seconds of load per run.
+    #[arg(long, default_value_t = 8)]
+    secs: u32,
+    /// wrk connections.
+    #[arg(long, default_value_t = 16)]
+    connections: u32,
+}
+
+#[derive(Args)]
+pub struct LoadArgs {
+    /// Target request rates (requests/s), comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "10000,50000")]
+    rates: Vec<u32>,
+    /// Seconds per rate.
+    #[arg(long, default_value_t = 10)]
+    secs: u32,
+}
+
+const TLS_PORT: u16 = 18443;
+const PLAIN_PORT: u16 = 18080;
+
+fn libssl() -> Result<PathBuf> {
+    let out = Command::new("ldconfig").arg("-p").output()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| {
+            l.trim_start().starts_with("libssl.so.3") || l.trim_start().starts_with("libssl.so.1.1")
+        })
+        .and_then(|l| l.split("=> ").nth(1))
+        .map(|p| PathBuf::from(p.trim()))
+        .context("no libssl in the linker cache")
+}
+
+struct Nginx {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    fn start() -> Result<Nginx> {
+        let dir = tempfile::tempdir()?;
+        let d = dir.path().display().to_string();
+        crate::run(Command::new("sh").args([
+            "-c",
+            &format!(
+                "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+                 -subj /CN=bench.test -keyout {d}/key.pem -out {d}/cert.pem 2>/dev/null"
+            ),
+        ]))?;
+        fs::write(
+            dir.path().join("nginx.conf"),
+            format!(
+                "daemon off; master_process on; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log;
+                 events {{ worker_connections 1024; }}
+                 http {{ access_log off; keepalive_requests 10000000; client_body_temp_path {d}/body;
+                   server {{ listen 127.0.0.1:{TLS_PORT} ssl; ssl_certificate {d}/cert.pem; ssl_certificate_key {d}/key.pem;
+                            location / {{ return 200 \"ok\\n\"; }} }}
+                   server {{ listen 127.0.0.1:{PLAIN_PORT}; location / {{ return 200 \"ok\\n\"; }} }} }}"
+            ),
+        )?;
+        let child = Command::new("nginx")
+            .args([
+                "-e",
+                &format!("{d}/error.log"),
+                "-c",
+                &format!("{d}/nginx.conf"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting nginx")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", TLS_PORT)).is_err() {
+            if Instant::now() > deadline {
+                bail!("nginx did not listen on {TLS_PORT}");
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Nginx { child, _dir: dir })
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Something attached while a run goes: a bpftrace script or the monitor.
+struct Attached {
+    child: Child,
+    stderr: Option<mpsc::Receiver<String>>,
+}
+
+/// Spawns `cmd`, waits until a line containing `ready` shows on stdout or stderr.
+fn spawn_until(mut cmd: Command, ready: &str) -> Result<Attached> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("{cmd:?}"))?;
+    let (tx, rx) = mpsc::channel::<(bool, String)>();
+    for (is_err, pipe) in [
+        (
+            false,
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        ),
+        (true, Box::new(child.stderr.take().unwrap())),
+    ] {
+        let tx = tx.clone();
+        // Drain continuously (a capture peer's output must not block it), forward lines.
+        thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if tx.send((is_err, line)).is_err() && !is_err {
+                    // receiver gone: keep draining stdout
+                }
+            }
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok((_, line)) if line.contains(ready) => break,
+            Ok(_) => {}
+            Err(_) => {
+                if let Some(st) = child.try_wait()? {
+                    bail!("{cmd:?} exited ({st}) before it was ready");
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    bail!("{cmd:?} not ready after 60 s");
+                }
+            }
+        }
+    }
+    // Give attach a moment to settle everywhere.
+    thread::sleep(Duration::from_millis(500));
+    let (tx2, rx2) = mpsc::channel();
+    thread::spawn(move || {
+        for (is_err, line) in rx {
+            if is_err {
+                let _ = tx2.send(line);
+            }
+        }
+    });
+    Ok(Attached {
+        child,
+        stderr: Some(rx2),
+    })
+}
+
+impl Attached {
+    fn cpu_ticks(&self) -> u64 {
+        let stat =
+            fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+        let f: Vec<&str> = after.split_whitespace().collect();
+        f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+            + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    }
+
+    fn rss_kib(&self) -> u64 {
+        fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// SIGINT, wait, return stderr lines (the monitor's summary is there).
+    fn stop(mut self) -> Vec<String> {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                break;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.wait();
+        thread::sleep(Duration::from_millis(200));
+        self.stderr
+            .take()
+            .map(|rx| rx.try_iter().collect())
+            .unwrap_or_default()
+    }
+}
+
+fn monitor_summary(lines: &[String]) -> Value {
+    lines
+        .iter()
+        .find_map(|l| {
+            l.split_once("summary=")
+                .and_then(|(_, j)| serde_json::from_str(j).ok())
+        })
+        .unwrap_or(Value::Null)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Config {
+    Bare,
+    FloorFull,
+    Peer,
+    MonitorFull,
+    FloorEgress,
+    MonitorEgress,
+}
+
+impl Config {
+    const ALL: [Config; 6] = [
+        Config::Bare,
+        Config::FloorFull,
+        Config::Peer,
+        Config::MonitorFull,
+        Config::FloorEgress,
+        Config::MonitorEgress,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Config::Bare => "bare",
+            Config::FloorFull => "floor-full",
+            Config::Peer => "bpftrace-sslsniff",
+            Config::MonitorFull => "monitor-full",
+            Config::FloorEgress => "floor-egress",
+            Config::MonitorEgress => "monitor-egress",
+        }
+    }
+}
+
+/// Syscall tracepoints the monitor attaches (empty in the floor: they cost nothing visible,
+/// but the floor must carry the same probe set).
+const SYSCALL_TPS: &[&str] = &[
+    "sys_enter_write",
+    "sys_enter_sendto",
+    "sys_enter_writev",
+    "sys_enter_sendmsg",
+    "sys_enter_read",
+    "sys_enter_recvfrom",
+    "sys_enter_readv",
+    "sys_enter_recvmsg",
+    "sys_exit_read",
+    "sys_exit_recvfrom",
+    "sys_exit_readv",
+    "sys_exit_recvmsg",
+    "sys_enter_close",
+];
+
+fn floor_script(lib: &Path, full: bool) -> String {
+    let l = lib.display();
+    let mut probes = vec![
+        format!("uprobe:{l}:SSL_write"),
+        format!("uprobe:{l}:SSL_write_ex"),
+    ];
+    if full {
+        probes.extend([
+            format!("uprobe:{l}:SSL_read"),
+            format!("uprobe:{l}:SSL_read_ex"),
+            format!("uretprobe:{l}:SSL_read"),
+            format!("uretprobe:{l}:SSL_read_ex"),
+        ]);
+    }
+    probes.extend(
+        SYSCALL_TPS
+            .iter()
+            .map(|t| format!("tracepoint:syscalls:{t}")),
+    );
+    format!("{} {{ }}", probes.join(",\n"))
+}
+
+/// sslsniff-style capture: every SSL_write buffer and every SSL_read result, printed.
+fn peer_script(lib: &Path) -> String {
+    let l = lib.display();
+    format!(
+        "uprobe:{l}:SSL_write {{ printf(\"W %d %s %d %r\\n\", pid, comm, arg2, buf(arg1, arg2)); }}
+         uprobe:{l}:SSL_read {{ @b[tid] = arg1; }}
+         uretprobe:{l}:SSL_read /@b[tid] != 0 && (int32)retval > 0/ {{
+             printf(\"R %d %s %d %r\\n\", pid, comm, retval, buf(@b[tid], retval)); delete(@b[tid]); }}"
+    )
+}
+
+fn attach(cfg: Config, lib: &Path, monitor: &Path, keydir: &Path) -> Result<Option<Attached>> {
+    let bpftrace = |script: String| {
+        let mut c = Command::new("bpftrace");
+        c.env("BPFTRACE_MAX_STRLEN", "200").arg("-e").arg(script);
+        spawn_until(c, "Attaching")
+    };
+    let mon = |set: &str| {
+        let mut c = Command::new(monitor);
+        c.args(["run", "--probes", set, "--key-file"])
+            .arg(keydir.join("key"))
+            .env("MONITOR_LOG", "info");
+        spawn_until(c, "monitor ready")
+    };
+    Ok(Some(match cfg {
+        Config::Bare => return Ok(None),
+        Config::FloorFull => bpftrace(floor_script(lib, true))?,
+        Config::FloorEgress => bpftrace(floor_script(lib, false))?,
+        Config::Peer => bpftrace(peer_script(lib))?,
+        Config::MonitorFull => mon("full")?,
+        Config::MonitorEgress => mon("egress")?,
+    }))
+}
+
+fn wrk(secs: u32, connections: u32) -> Result<f64> {
+    let out = Command::new("wrk")
+        .args(["-t1", &format!("-c{connections}"), &format!("-d{secs}s")])
+        .args(["-H", "Authorization: Bearer bench-token-not-secret"])
+        .arg(format!("https://127.0.0.1:{TLS_PORT}/"))
+        .output()
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no Requests/sec in wrk output:\n{text}"))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(c, _)| !crate::have(c))
+        .map(|(_, p)| *p)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    crate::apt_install(&missing)
+}
+
+fn monitor_binary() -> Result<PathBuf> {
+    crate::run(crate::cargo().args(["build", "--release", "-p", "monitor"]))?;
+    Ok(crate::root().join("target/release/monitor"))
+}
+
+pub fn overhead(a: OverheadArgs) -> Result<()> {
+    ensure_tools(&[
+        ("nginx", "nginx"),
+        ("wrk", "wrk"),
+        ("bpftrace", "bpftrace"),
+        ("openssl", "openssl"),
+    ])?;
+    let monitor = monitor_binary()?;
+    let lib = libssl()?;
+    let keydir = tempfile::tempdir()?;
+    let _nginx = Nginx::start()?;
+    let mut rps: Vec<Vec<f64>> = vec![Vec::new(); Config::ALL.len()];
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); Config::ALL.len()];
+    let mut rss = vec![0u64; Config::ALL.len()];
+    let mut lost = vec![0u64; Config::ALL.len()];
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let bar = indicatif::ProgressBar::new((a.rounds as usize * Config::ALL.len()) as u64);
+    for round in 0..a.rounds {
+        for (i, cfg) in Config::ALL.iter().enumerate() {
+            bar.set_message(format!("round {} {}", round + 1, cfg.name()));
+            let att = attach(*cfg, &lib, &monitor, keydir.path())?;
+            let c0 = att.as_ref().map_or(0, Attached::cpu_ticks);
+            let t0 = Instant::now();
+            let r = wrk(a.secs, a.connections)?;
+            let wall = t0.elapsed().as_secs_f64();
+            if let Some(att) = att {
+                cpu[i].push((att.cpu_ticks() - c0) as f64 / ticks / wall * 100.0);
+                rss[i] = rss[i].max(att.rss_kib());
+                let lines = att.stop();
+                if matches!(cfg, Config::MonitorFull | Config::MonitorEgress) {
+                    let s = monitor_summary(&lines);
+                    lost[i] += s["events_lost"]
+                        .as_u64()
+                        .context("monitor summary missing")?;
+                }
+            }
+            rps[i].push(r);
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let med: Vec<f64> = rps.iter_mut().map(|v| median(v)).collect();
+    let cpu_med: Vec<f64> = cpu.iter_mut().map(|v| median(v)).collect();
+    let idx = |c: Config| Config::ALL.iter().position(|x| *x == c).unwrap();
+    let bare = med[idx(Config::Bare)];
+    let mut rows = Vec::new();
+    println!(
+        "\nTLS keep-alive, nginx 1 worker + wrk -t1 -c{} on loopback, {} rounds x {} s, median req/s",
+        a.connections, a.rounds, a.secs
+    );
+    println!(
+        "{:<20} {:>10} {:>8} {:>9} {:>8} {:>10} {:>6}",
+        "config", "req/s", "vs bare", "vs floor", "cpu %", "rss KiB", "lost"
+    );
+    for (i, cfg) in Config::ALL.iter().enumerate() {
+        let floor = match cfg {
+            Config::MonitorFull | Config::Peer => Some(med[idx(Config::FloorFull)]),
+            Config::MonitorEgress => Some(med[idx(Config::FloorEgress)]),
+            _ => None,
+        };
+        let vs_floor = floor.map(|f| med[i] / f);
+        println!(
+            "{:<20} {:>10.0} {:>8.3} {:>9} {:>8.1} {:>10} {:>6}",
+            cfg.name(),
+            med[i],
+            med[i] / bare,
+            vs_floor.map_or("-".into(), |v| format!("{v:.3}")),
+            cpu_med[i],
+            rss[i],
+            lost[i]
+        );
+        rows.push(json!({"config": cfg.name(), "rps_median": med[i], "rps_runs": rps[i], "vs_bare": med[i] / bare,
+            "vs_floor": vs_floor, "cpu_percent": cpu_med[i], "rss_kib": rss[i], "events_lost": lost[i]}));
+    }
+    let vs_peer = med[idx(Config::MonitorFull)] / med[idx(Config::Peer)];
+    println!("monitor-full / bpftrace-sslsniff: {vs_peer:.2}x (target >= 1.3)");
+    println!(
+        "monitor-full / floor-full: {:.3} (target >= 0.95); monitor-egress / floor-egress: {:.3}",
+        med[idx(Config::MonitorFull)] / med[idx(Config::FloorFull)],
+        med[idx(Config::MonitorEgress)] / med[idx(Config::FloorEgress)]
+    );
+    let report = json!({"bench": "overhead", "rounds": a.rounds, "secs": a.secs, "connections": a.connections,
+        "results": rows, "monitor_vs_peer": vs_peer});
+    write_report("overhead", &report)
+}
+
+fn write_report(name: &str, report: &Value) -> Result<()> {
+    let dir = crate::root().join("target/bench");
+    fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{name}.json"));
+    fs::write(&path, serde_json::to_string_pretty(report)?)?;
+    println!("{}", serde_json::to_string(report)?);
+    eprintln!("xtask: report in {}", path.display());
+    Ok(())
+}
+
+/// h2load in HTTP/1.1 mode at a fixed rate: `clients` connections x `rps` each.
+fn h2load(url: &str, rate: u32, secs: u32) -> Result<(f64, u64)> {
+    let clients = 50u32.min(rate.max(1));
+    let per = rate.div_ceil(clients);
+    let out = Command::new("h2load")
+        .args([
+            "--h1",
+            "-c",
+            &clients.to_string(),
+            "--rps",
+            &per.to_string(),
+            "-D",
+            &secs.to_string(),
+        ])
+        .args(["-H", "Authorization: Bearer load-token-not-secret"])
+        .arg(url)
+        .output()
+        .context("running h2load")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "finished in 10.00s, 49990.10 req/s, ..." and "requests: N total, N started, N done, N succeeded"
+    let rps = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("finished in "))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|v| v.trim_end_matches(" req/s").parse().ok())
+        .with_context(|| format!("no rate in h2load output:\n{text}"))?;
+    let done = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("requests: "))
+        .and_then(|l| l.split(", ").find(|p| p.ends_with(" succeeded")))
+        .and_then(|p| p.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    Ok((rps, done))
+}
+
+pub fn load(a: LoadArgs) -> Result<()> {
+    ensure_tools(&[
+        ("nginx", "nginx"),
+        ("h2load", "nghttp2-client"),
+        ("openssl", "openssl"),
+    ])?;
+    let monitor = monitor_binary()?;
+    let keydir = tempfile::tempdir()?;
+    let _nginx = Nginx::start()?;
+    let mut rows = Vec::new();
+    println!(
+        "{:<6} {:>10} {:>10} {:>10} {:>10} {:>8} {:>9} {:>9}",
+        "proto", "target/s", "achieved", "requests", "records", "lost", "p50 us", "p99 us"
+    );
+    for &rate in &a.rates {
+        for (proto, url) in [
+            ("plain", format!("http://127.0.0.1:{PLAIN_PORT}/")),
+            ("tls", format!("https://127.0.0.1:{TLS_PORT}/")),
+        ] {
+            let mut c = Command::new(&monitor);
+            c.args(["run", "--key-file"])
+                .arg(keydir.path().join("key"))
+                .env("MONITOR_LOG", "info");
+            let att = spawn_until(c, "monitor ready")?;
+            let (achieved, done) = h2load(&url, rate, a.secs)?;
+            thread::sleep(Duration::from_millis(500));
+            let s = monitor_summary(&att.stop());
+            let lost = s["events_lost"]
+                .as_u64()
+                .context("monitor summary missing")?;
+            let lat = &s["latency_event_to_record"];
+            // Both ends are on this node: each request is seen by the client and by nginx.
+            let records = lat["records"].as_u64().unwrap_or(0);
+            println!(
+                "{proto:<6} {rate:>10} {achieved:>10.0} {done:>10} {records:>10} {lost:>8} {:>9} {:>9}",
+                lat["p50_us"], lat["p99_us"]
+            );
+            rows.push(json!({"protocol": proto, "target_rps": rate, "achieved_rps": achieved, "requests": done,
+                "records": records, "events_lost": lost, "latency": lat, "kernel": s["kernel"]}));
+        }
+    }
+    write_report(
+        "load",
+        &json!({"bench": "load", "secs": a.secs, "results": rows}),
+    )
+}
