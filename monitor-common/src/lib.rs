@@ -18,6 +18,9 @@ pub const KIND_DATA: u8 = 1;
 pub const KIND_TLS_BIND: u8 = 2;
 /// A tracked TCP socket was closed by its process.
 pub const KIND_CLOSE: u8 = 3;
+/// A process executed a program; data is the file name. Reading /proc later would race with
+/// short-lived clients that exit before their events are processed.
+pub const KIND_EXEC: u8 = 4;
 
 pub const DIR_EGRESS: u8 = 0;
 pub const DIR_INGRESS: u8 = 1;
@@ -144,12 +147,15 @@ pub struct SslKey {
     pub ssl: u64,
 }
 
+/// An SSL object's socket, with its flow read once at bind time: a connection's addresses do
+/// not change, and reading them from the socket on every SSL call costs a dozen probe reads.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SslConn {
     pub sk: u64,
     pub fd: i32,
-    pub _pad: u32,
+    pub netns: u32,
+    pub flow: Flow,
 }
 
 /// Saved arguments of a read-like syscall, copied at its exit.
@@ -188,7 +194,8 @@ pub const PROG_SYS_WRITE: u32 = 3;
 pub const PROG_SYS_READ: u32 = 4;
 pub const PROG_SYS_READ_RET: u32 = 5;
 pub const PROG_SYS_CLOSE: u32 = 6;
-pub const PROG_COUNT: u32 = 7;
+pub const PROG_EXEC: u32 = 7;
+pub const PROG_COUNT: u32 = 8;
 
 pub const PROG_NAMES: [&str; PROG_COUNT as usize] = [
     "ssl_write",
@@ -198,6 +205,7 @@ pub const PROG_NAMES: [&str; PROG_COUNT as usize] = [
     "sys_read",
     "sys_read_ret",
     "sys_close",
+    "exec",
 ];
 
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] =

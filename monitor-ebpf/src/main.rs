@@ -13,9 +13,10 @@
 use core::ptr::{addr_of, read_volatile};
 
 use aya_ebpf::{
+    EbpfContext,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user,
-        bpf_probe_read_user_buf,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_str_bytes, bpf_probe_read_user, bpf_probe_read_user_buf,
         generated::{bpf_get_current_cgroup_id, bpf_get_current_task, bpf_ktime_get_ns},
     },
     macros::{map, tracepoint, uprobe, uretprobe},
@@ -151,6 +152,7 @@ unsafe fn begin(
     sk: usize,
     fd: i32,
     call_len: u64,
+    cached: Option<&SslConn>,
 ) -> Option<&'static mut DataEvent> {
     let ev = unsafe { &mut *SCRATCH.get_ptr_mut(0)? };
     let h = &mut ev.header;
@@ -168,16 +170,34 @@ unsafe fn begin(
     h.call_len = call_len;
     h.offset = 0;
     h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    unsafe { fill_flow(sk, h) };
+    match cached {
+        Some(c) => {
+            h.flow = c.flow;
+            h.netns = c.netns;
+        }
+        None => unsafe { fill_flow(sk, h) },
+    }
     Some(ev)
 }
+
+/// Wake the reader only once this much is waiting: a wakeup per record costs more than the
+/// record (the reader also drains on a short timer).
+const WAKEUP_BYTES: u64 = 256 << 10;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
 
 #[inline(always)]
 fn output(prog: u32, ev: &DataEvent, len: usize) {
     let bytes = unsafe {
         core::slice::from_raw_parts(ev as *const DataEvent as *const u8, HEADER_LEN + len)
     };
-    match EVENTS.output::<[u8]>(bytes, 0) {
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    match EVENTS.output::<[u8]>(bytes, flags) {
         Ok(()) => stat(prog, STAT_EVENTS),
         Err(_) => stat(prog, STAT_LOST),
     }
@@ -297,19 +317,51 @@ unsafe fn bind(prog: u32, pid_tgid: u64, ssl: u64, fd: i32, sk: usize) {
     if !changed {
         return;
     }
-    let _ = SSL_CONN.insert(
-        &key,
-        &SslConn {
-            sk: sk as u64,
+    let Some(ev) = (unsafe {
+        begin(
+            KIND_TLS_BIND,
+            DIR_EGRESS,
+            SOURCE_OPENSSL,
+            ssl,
+            sk,
             fd,
-            _pad: 0,
-        },
-        0,
-    );
+            0,
+            None,
+        )
+    }) else {
+        return;
+    };
+    let conn = SslConn {
+        sk: sk as u64,
+        fd,
+        netns: ev.header.netns,
+        flow: ev.header.flow,
+    };
+    let _ = SSL_CONN.insert(&key, &conn, 0);
     let _ = TLS_SOCKS.insert(&(sk as u64), &key, 0);
-    if let Some(ev) = unsafe { begin(KIND_TLS_BIND, DIR_EGRESS, SOURCE_OPENSSL, ssl, sk, fd, 0) } {
-        output(prog, ev, 0);
+    output(prog, ev, 0);
+}
+
+/// True when the thread is inside an SSL call whose object is already tied to `fd`: the
+/// syscall is that call's ciphertext and needs no look at the socket at all.
+#[inline(always)]
+unsafe fn nested_in_bound_ssl(pid_tgid: u64, fd: i64, reading: bool) -> bool {
+    let Some(a) = (unsafe { ACTIVE.get(&pid_tgid) }) else {
+        return false;
+    };
+    if (a.is_read != 0) != reading {
+        return false;
     }
+    let key = SslKey {
+        tgid: pid_tgid >> 32,
+        ssl: a.ssl,
+    };
+    let bound = unsafe { SSL_CONN.get(&key) }.is_some_and(|c| c.fd as i64 == fd);
+    if bound && !reading {
+        // SSL_write has no return probe: its marker ends with its first syscall.
+        let _ = ACTIVE.remove(&pid_tgid);
+    }
+    bound
 }
 
 #[inline(always)]
@@ -323,6 +375,9 @@ unsafe fn on_send(ctx: &TracePointContext, shape: u32) -> Option<()> {
         let fd: i64 = ctx.read_at(16).ok()?;
         let arg: u64 = ctx.read_at(24).ok()?;
         let count: u64 = ctx.read_at(32).ok()?;
+        if nested_in_bound_ssl(pid_tgid, fd, false) {
+            return None;
+        }
         let sk = tcp_sock_of_fd(fd)?;
         if let Some(a) = ACTIVE.get(&pid_tgid) {
             if a.is_read == 0 {
@@ -349,6 +404,7 @@ unsafe fn on_send(ctx: &TracePointContext, shape: u32) -> Option<()> {
             sk,
             fd as i32,
             0,
+            None,
         )?;
         match shape {
             SHAPE_BUF => {
@@ -380,6 +436,9 @@ unsafe fn on_recv_enter(ctx: &TracePointContext, shape: u32) -> Option<()> {
         let fd: i64 = ctx.read_at(16).ok()?;
         let arg: u64 = ctx.read_at(24).ok()?;
         let count: u64 = ctx.read_at(32).ok()?;
+        if nested_in_bound_ssl(pid_tgid, fd, true) {
+            return None;
+        }
         let sk = tcp_sock_of_fd(fd)?;
         if let Some(a) = ACTIVE.get(&pid_tgid) {
             if a.is_read != 0 {
@@ -425,6 +484,7 @@ unsafe fn on_recv_exit(ctx: &TracePointContext) -> Option<()> {
             sk,
             args.fd,
             ret as u64,
+            None,
         )?;
         match args.shape {
             SHAPE_BUF => {
@@ -522,12 +582,49 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
             sk,
             fd as i32,
             0,
+            None,
         ) {
             output(PROG_SYS_CLOSE, ev, 0);
         }
     }
     0
 }
+
+/// `sched:sched_process_exec`: the executable of every new program, before its first call.
+#[tracepoint]
+pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
+    unsafe { on_exec(&ctx) };
+    0
+}
+
+#[inline(always)]
+unsafe fn on_exec(ctx: &TracePointContext) -> Option<()> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if is_self(pid_tgid) {
+        return None;
+    }
+    stat(PROG_EXEC, STAT_HITS);
+    unsafe {
+        // `__data_loc char[] filename` at offset 8: low 16 bits offset, high 16 bits length.
+        let loc: u32 = ctx.read_at(8).ok()?;
+        let src = (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize);
+        let ev = begin(KIND_EXEC, DIR_EGRESS, SOURCE_SYSCALL, 0, 0, -1, 0, None)?;
+        let n = match bpf_probe_read_kernel_str_bytes(src, &mut ev.data[..MAX_PATH]) {
+            Ok(s) => s.len(),
+            Err(_) => {
+                stat(PROG_EXEC, STAT_READ_ERRORS);
+                return None;
+            }
+        };
+        let n = if n > MAX_PATH { MAX_PATH } else { n };
+        ev.header.len = n as u32;
+        output(PROG_EXEC, ev, n);
+    }
+    Some(())
+}
+
+/// Longest executable path reported.
+const MAX_PATH: usize = 512;
 
 /// `SSL_write(ssl, buf, num)` and `SSL_write_ex(ssl, buf, num, written)`: the plaintext is
 /// complete at entry, so no return probe is needed on the sending side.
@@ -560,10 +657,8 @@ unsafe fn on_ssl_write(ctx: &ProbeContext) -> Option<()> {
         tgid: pid_tgid >> 32,
         ssl,
     };
-    let (sk, fd) = match unsafe { SSL_CONN.get(&key) } {
-        Some(c) => (c.sk as usize, c.fd),
-        None => (0, -1),
-    };
+    let conn = unsafe { SSL_CONN.get(&key) };
+    let (sk, fd) = conn.map_or((0, -1), |c| (c.sk as usize, c.fd));
     unsafe {
         let ev = begin(
             KIND_DATA,
@@ -573,6 +668,7 @@ unsafe fn on_ssl_write(ctx: &ProbeContext) -> Option<()> {
             sk,
             fd,
             num as u64,
+            conn,
         )?;
         emit_chunks(PROG_SSL_WRITE, ev, buf, num as u64, MAX_CHUNKS);
     }
@@ -644,12 +740,19 @@ unsafe fn on_ssl_read_ret(ctx: &RetProbeContext) -> Option<()> {
         tgid: pid_tgid >> 32,
         ssl: a.ssl,
     };
-    let (sk, fd) = match unsafe { SSL_CONN.get(&key) } {
-        Some(c) => (c.sk as usize, c.fd),
-        None => (0, -1),
-    };
+    let conn = unsafe { SSL_CONN.get(&key) };
+    let (sk, fd) = conn.map_or((0, -1), |c| (c.sk as usize, c.fd));
     unsafe {
-        let ev = begin(KIND_DATA, DIR_INGRESS, SOURCE_OPENSSL, a.ssl, sk, fd, n)?;
+        let ev = begin(
+            KIND_DATA,
+            DIR_INGRESS,
+            SOURCE_OPENSSL,
+            a.ssl,
+            sk,
+            fd,
+            n,
+            conn,
+        )?;
         emit_chunks(PROG_SSL_READ_RET, ev, a.buf, n, MAX_CHUNKS);
     }
     Some(())

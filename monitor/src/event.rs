@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use anyhow::{Result, bail};
 use monitor_common::{
     AF_INET, AF_INET6, DIR_INGRESS, EventHeader, FLAG_NO_FLOW, HEADER_LEN, KIND_CLOSE, KIND_DATA,
-    KIND_TLS_BIND, SOURCE_OPENSSL,
+    KIND_EXEC, KIND_TLS_BIND, SOURCE_OPENSSL,
 };
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +16,8 @@ pub enum Kind {
     Data,
     TlsBind,
     Close,
+    /// A program was executed; `data` is its file name.
+    Exec,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -121,6 +123,7 @@ impl Event {
             KIND_DATA => Kind::Data,
             KIND_TLS_BIND => Kind::TlsBind,
             KIND_CLOSE => Kind::Close,
+            KIND_EXEC => Kind::Exec,
             k => bail!("unknown record kind {k}"),
         };
         let comm_len = h.comm.iter().position(|&b| b == 0).unwrap_or(h.comm.len());

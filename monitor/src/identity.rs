@@ -11,8 +11,8 @@ use std::{
 const MAX_CACHE: usize = 65536;
 
 pub struct Identity {
-    /// (tgid, comm) → exe; comm is in the key because exec keeps the pid.
-    exe: HashMap<(u32, String), Option<String>>,
+    /// (tgid, hash of comm) → exe; comm is in the key because exec keeps the pid.
+    exe: HashMap<(u32, u64), Option<String>>,
     cgroups: HashMap<u64, String>,
     cgroup_root: Option<PathBuf>,
     last_scan: Option<Instant>,
@@ -39,9 +39,18 @@ impl Identity {
     pub fn enrich(&mut self, ev: &mut crate::event::Event, boot_offset_ns: i128, node: &str) {
         ev.time_ns = (ev.ts_ns as i128 + boot_offset_ns).max(0) as u64;
         ev.node = node.to_string();
-        if ev.kind == crate::event::Kind::Data {
-            ev.exe = self.exe(ev.tgid, &ev.comm);
-            ev.cgroup = self.cgroup_path(ev.cgroup_id, ev.tgid);
+        match ev.kind {
+            crate::event::Kind::Data => {
+                ev.exe = self.exe(ev.tgid, &ev.comm);
+                ev.cgroup = self.cgroup_path(ev.cgroup_id, ev.tgid);
+            }
+            crate::event::Kind::Exec => {
+                let exe = String::from_utf8_lossy(&ev.data).into_owned();
+                let key = (ev.tgid, comm_hash(&ev.comm));
+                self.exe.insert(key, Some(exe.clone()));
+                ev.exe = Some(exe);
+            }
+            _ => {}
         }
     }
 
@@ -49,8 +58,9 @@ impl Identity {
         if self.exe.len() > MAX_CACHE {
             self.exe.clear();
         }
+        let key = (tgid, comm_hash(comm));
         self.exe
-            .entry((tgid, comm.to_string()))
+            .entry(key)
             .or_insert_with(|| {
                 fs::read_link(format!("/proc/{tgid}/exe"))
                     .ok()
@@ -107,6 +117,13 @@ impl Identity {
         self.cgroups.insert(id, path.clone());
         path
     }
+}
+
+fn comm_hash(comm: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    comm.hash(&mut h);
+    h.finish()
 }
 
 fn inode(p: &Path) -> Option<u64> {

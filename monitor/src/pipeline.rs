@@ -177,6 +177,8 @@ impl Pipeline {
                     self.conns.remove(&k);
                 }
             }
+            // Consumed by identity enrichment.
+            Kind::Exec => {}
         }
         self.stats.conns = self.conns.len();
     }

@@ -3,6 +3,7 @@
 use std::{io::Write, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result};
+use aya::maps::{MapData, RingBuf};
 use clap::Args;
 use tokio::{
     io::unix::AsyncFd,
@@ -130,6 +131,38 @@ pub fn write_records(out: &mut impl Write, recs: &mut Vec<RequestRecord>) {
     let _ = out.flush();
 }
 
+/// Everything one ring buffer record goes through, in order.
+struct Ctx {
+    pipe: Pipeline,
+    identity: Identity,
+    boot_offset: i128,
+    node: String,
+    recorder: Option<Recorder>,
+    decode_errors: u64,
+}
+
+fn drain(rb: &mut RingBuf<MapData>, ctx: &mut Ctx, recs: &mut Vec<RequestRecord>) -> Result<()> {
+    while let Some(item) = rb.next() {
+        match Event::decode(&item) {
+            Ok(mut ev) => {
+                ctx.identity.enrich(&mut ev, ctx.boot_offset, &ctx.node);
+                if let Some(r) = ctx.recorder.as_mut() {
+                    r.write(&ev)?;
+                }
+                ctx.pipe.handle(ev, recs);
+            }
+            Err(e) => {
+                ctx.decode_errors += 1;
+                warn!(error = %e, "undecodable ring buffer record");
+            }
+        }
+    }
+    if let Some(r) = ctx.recorder.as_mut() {
+        r.flush()?;
+    }
+    Ok(())
+}
+
 pub async fn run(args: RunArgs) -> Result<()> {
     probe::check_privileges()?;
     let fp = Fingerprinter::load_or_create(&args.key_file)?;
@@ -142,20 +175,24 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // SAFETY: the ring buffer map is owned by the AsyncFd, so its fd outlives the registration.
     let mut ring =
         unsafe { AsyncFd::register(probes.take_events()?) }.context("polling the ring buffer")?;
-    let mut pipe = Pipeline::new(fp);
-    let mut identity = Identity::new();
-    let boot_offset = pipeline::boot_offset_ns();
-    let node = args.node.clone().unwrap_or_else(identity::hostname);
-    let mut recorder = args.record.as_deref().map(Recorder::create).transpose()?;
+    let mut ctx = Ctx {
+        pipe: Pipeline::new(fp),
+        identity: Identity::new(),
+        boot_offset: pipeline::boot_offset_ns(),
+        node: args.node.clone().unwrap_or_else(identity::hostname),
+        recorder: args.record.as_deref().map(Recorder::create).transpose()?,
+        decode_errors: 0,
+    };
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut drain_tick = tokio::time::interval(Duration::from_millis(5));
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rescan = tokio::time::interval(Duration::from_secs(args.rescan_secs.max(1)));
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut recs = Vec::new();
-    let mut decode_errors = 0u64;
     let mut latency = Latency::default();
     info!(libraries = probes.attached_libraries(), "monitor ready");
 
@@ -163,31 +200,19 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                let rb = guard.get_inner_mut();
-                while let Some(item) = rb.next() {
-                    match Event::decode(&item) {
-                        Ok(mut ev) => {
-                            identity.enrich(&mut ev, boot_offset, &node);
-                            if let Some(r) = recorder.as_mut() {
-                                r.write(&ev)?;
-                            }
-                            pipe.handle(ev, &mut recs);
-                        }
-                        Err(e) => {
-                            decode_errors += 1;
-                            warn!(error = %e, "undecodable ring buffer record");
-                        }
-                    }
-                }
+                drain(guard.get_inner_mut(), &mut ctx, &mut recs)?;
                 guard.clear_ready();
-                if let Some(r) = recorder.as_mut() {
-                    r.flush()?;
-                }
+                latency.observe(&recs);
+                write_records(&mut out, &mut recs);
+            }
+            // The kernel wakes us only when a lot is waiting: drain on a short timer too.
+            _ = drain_tick.tick() => {
+                drain(ring.get_mut(), &mut ctx, &mut recs)?;
                 latency.observe(&recs);
                 write_records(&mut out, &mut recs);
             }
             _ = tick.tick() => {
-                pipe.flush(pipeline::monotonic_ns(), &mut recs);
+                ctx.pipe.flush(pipeline::monotonic_ns(), &mut recs);
                 write_records(&mut out, &mut recs);
             }
             _ = rescan.tick() => {
@@ -202,21 +227,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
 
     // Drain what is already in the ring before detaching.
-    {
-        let rb = ring.get_mut();
-        while let Some(item) = rb.next() {
-            if let Ok(mut ev) = Event::decode(&item) {
-                identity.enrich(&mut ev, boot_offset, &node);
-                if let Some(r) = recorder.as_mut() {
-                    r.write(&ev)?;
-                }
-                pipe.handle(ev, &mut recs);
-            }
-        }
-    }
-    if let Some(r) = recorder.as_mut() {
-        r.flush()?;
-    }
+    drain(ring.get_mut(), &mut ctx, &mut recs)?;
+    let Ctx { mut pipe, decode_errors, .. } = ctx;
     pipe.flush_all(&mut recs);
     write_records(&mut out, &mut recs);
     let kernel = probes.stats()?;

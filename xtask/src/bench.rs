@@ -5,10 +5,8 @@
 
 use std::{
     fs,
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
@@ -113,73 +111,60 @@ impl Nginx {
 }
 
 impl Drop for Nginx {
+    /// SIGTERM: the master stops its workers (SIGKILL would orphan them, still listening).
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
     }
 }
 
-/// Something attached while a run goes: a bpftrace script or the monitor.
+/// Something attached while a run goes: a bpftrace script or the monitor. Its output goes
+/// to files in /dev/shm (the cheapest sink, the same for every configuration), not through
+/// reader threads that would compete with the load for CPU.
 struct Attached {
     child: Child,
-    stderr: Option<mpsc::Receiver<String>>,
+    dir: tempfile::TempDir,
 }
 
-/// Spawns `cmd`, waits until a line containing `ready` shows on stdout or stderr.
+/// Spawns `cmd`, waits until `ready` shows in its stdout or stderr.
 fn spawn_until(mut cmd: Command, ready: &str) -> Result<Attached> {
+    let dir = tempfile::Builder::new()
+        .prefix("monitor-bench")
+        .tempdir_in(if Path::new("/dev/shm").is_dir() {
+            "/dev/shm"
+        } else {
+            "/tmp"
+        })?;
+    let out = fs::File::create(dir.path().join("stdout"))?;
+    let err = fs::File::create(dir.path().join("stderr"))?;
     let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(out)
+        .stderr(err)
         .spawn()
         .with_context(|| format!("{cmd:?}"))?;
-    let (tx, rx) = mpsc::channel::<(bool, String)>();
-    for (is_err, pipe) in [
-        (
-            false,
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        ),
-        (true, Box::new(child.stderr.take().unwrap())),
-    ] {
-        let tx = tx.clone();
-        // Drain continuously (a capture peer's output must not block it), forward lines.
-        thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                if tx.send((is_err, line)).is_err() && !is_err {
-                    // receiver gone: keep draining stdout
-                }
-            }
-        });
-    }
     let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok((_, line)) if line.contains(ready) => break,
-            Ok(_) => {}
-            Err(_) => {
-                if let Some(st) = child.try_wait()? {
-                    bail!("{cmd:?} exited ({st}) before it was ready");
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    bail!("{cmd:?} not ready after 60 s");
-                }
-            }
+    let seen = |f: &str| {
+        let mut buf = Vec::new();
+        let _ = fs::File::open(dir.path().join(f))
+            .and_then(|mut h| std::io::Read::read_to_end(&mut h, &mut buf));
+        String::from_utf8_lossy(&buf).contains(ready)
+    };
+    while !seen("stdout") && !seen("stderr") {
+        if let Some(st) = child.try_wait()? {
+            bail!(
+                "{cmd:?} exited ({st}) before it was ready: {}",
+                fs::read_to_string(dir.path().join("stderr")).unwrap_or_default()
+            );
         }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("{cmd:?} not ready after 60 s");
+        }
+        thread::sleep(Duration::from_millis(50));
     }
     // Give attach a moment to settle everywhere.
     thread::sleep(Duration::from_millis(500));
-    let (tx2, rx2) = mpsc::channel();
-    thread::spawn(move || {
-        for (is_err, line) in rx {
-            if is_err {
-                let _ = tx2.send(line);
-            }
-        }
-    });
-    Ok(Attached {
-        child,
-        stderr: Some(rx2),
-    })
+    Ok(Attached { child, dir })
 }
 
 impl Attached {
@@ -213,11 +198,11 @@ impl Attached {
             thread::sleep(Duration::from_millis(50));
         }
         let _ = self.child.wait();
-        thread::sleep(Duration::from_millis(200));
-        self.stderr
-            .take()
-            .map(|rx| rx.try_iter().collect())
+        fs::read_to_string(self.dir.path().join("stderr"))
             .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
     }
 }
 

@@ -11,7 +11,7 @@ use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
     programs::{TracePoint, UProbe, uprobe::UProbeScope},
 };
-use monitor_common::{PROG_COUNT, PROG_NAMES, ProbeConfig, STAT_COUNT, STAT_LOST, STAT_NAMES};
+use monitor_common::{PROG_COUNT, PROG_NAMES, ProbeConfig, STAT_COUNT, STAT_LOST};
 use serde::Serialize;
 use tracing::{info, warn};
 
@@ -102,6 +102,13 @@ impl Probes {
             .load(OBJECT)
             .map_err(|e| explain_permission(anyhow::Error::from(e)))
             .context("loading the eBPF object")?;
+        let exec: &mut TracePoint = ebpf
+            .program_mut("sched_process_exec")
+            .context("exec program missing")?
+            .try_into()?;
+        exec.load().context("loading sched_process_exec")?;
+        exec.attach("sched", "sched_process_exec")
+            .context("attaching sched:sched_process_exec")?;
         for (prog, tps) in TRACEPOINTS {
             let p: &mut TracePoint = ebpf
                 .program_mut(prog)
@@ -204,7 +211,6 @@ impl Probes {
             for (s, slot) in v.iter_mut().enumerate() {
                 *slot = arr.get(&(prog * STAT_COUNT + s as u32), 0)?.iter().sum();
             }
-            let _ = STAT_NAMES;
             out.push(ProgStats {
                 program: PROG_NAMES[prog as usize],
                 hits: v[0],

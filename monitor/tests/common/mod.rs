@@ -243,8 +243,9 @@ impl Nginx {
 }
 
 impl Drop for Nginx {
+    /// SIGTERM: the master stops its workers (the cgroup's removal kills any that remain).
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
     }
 }
