@@ -123,6 +123,9 @@ pub struct ProbeConfig {
     pub self_tgid: u32,
     /// Capture plaintext from socket syscalls (1) or only use them to find TLS sockets (0).
     pub capture_plaintext: u32,
+    /// 1: only processes whose cgroup id is in the `CGROUPS` map are looked at.
+    pub filter_cgroups: u32,
+    pub _pad: u32,
 }
 
 /// Value of the per-thread map that says "this thread is inside an SSL call".

@@ -46,6 +46,9 @@ static SSL_CONN: LruHashMap<SslKey, SslConn> = LruHashMap::with_max_entries(6553
 /// Sockets carrying TLS through a probed library: their syscall bytes are ciphertext.
 #[map]
 static TLS_SOCKS: LruHashMap<u64, SslKey> = LruHashMap::with_max_entries(65536, 0);
+/// Selected cgroups (`--cgroup`), when `CONFIG.filter_cgroups` is set.
+#[map]
+static CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(4096, 0);
 /// Read-like syscalls between entry and exit.
 #[map]
 static READS: HashMap<u64, ReadArgs> = HashMap::with_max_entries(16384, 0);
@@ -65,9 +68,18 @@ fn stat(prog: u32, which: u32) {
     }
 }
 
+/// Calls to ignore: the monitor's own (its ClickHouse and webhook traffic), and, when the
+/// user selected cgroups, every other cgroup's. Checked first, before any other work.
 #[inline(always)]
 fn is_self(pid_tgid: u64) -> bool {
-    (pid_tgid >> 32) as u32 == unsafe { read_volatile(addr_of!(CONFIG.self_tgid)) }
+    if (pid_tgid >> 32) as u32 == unsafe { read_volatile(addr_of!(CONFIG.self_tgid)) } {
+        return true;
+    }
+    if unsafe { read_volatile(addr_of!(CONFIG.filter_cgroups)) } != 0 {
+        let cg = unsafe { bpf_get_current_cgroup_id() };
+        return unsafe { CGROUPS.get(&cg) }.is_none();
+    }
+    false
 }
 
 #[inline(always)]
@@ -254,6 +266,7 @@ struct Iovec {
 }
 
 /// Copies up to `total` bytes spread over an iovec array, one chunk per segment.
+/// `total` is `u64::MAX` when every segment is to be copied whole.
 #[inline(always)]
 unsafe fn emit_iov(prog: u32, ev: &mut DataEvent, iov: u64, iovcnt: u64, total: u64) {
     let mut left = total;
@@ -272,7 +285,14 @@ unsafe fn emit_iov(prog: u32, ev: &mut DataEvent, iov: u64, iovcnt: u64, total: 
         }
         left -= n;
     }
-    if left > 0 {
+    // `total` is u64::MAX for sends (the sum is not known): then only segments past
+    // MAX_IOV were left out; for receives, bytes returned and not copied were.
+    let dropped = if total == u64::MAX {
+        iovcnt > MAX_IOV as u64
+    } else {
+        left > 0
+    };
+    if dropped {
         stat(prog, STAT_TRUNCATED);
     }
 }

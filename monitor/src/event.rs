@@ -1,7 +1,10 @@
 //! Captured events as userspace sees them: decoded from the ring buffer, or read back from a
 //! recorded event log.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+};
 
 use anyhow::{Result, bail};
 use monitor_common::{
@@ -78,11 +81,11 @@ pub struct Event {
     pub comm: String,
     /// Executable, resolved from /proc at capture time.
     #[serde(default)]
-    pub exe: Option<String>,
+    pub exe: Option<Arc<str>>,
     pub cgroup_id: u64,
     /// cgroup (v2) path, resolved at capture time.
     #[serde(default)]
-    pub cgroup: Option<String>,
+    pub cgroup: Option<Arc<str>>,
     pub direction: Direction,
     pub source: Source,
     /// Derived from `source`; in the log for readers that do not know the sources.

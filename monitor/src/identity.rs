@@ -1,10 +1,11 @@
 //! Who made a call: process (exe) and cgroup path from the cgroup id the kernel reports.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -12,8 +13,8 @@ const MAX_CACHE: usize = 65536;
 
 pub struct Identity {
     /// (tgid, hash of comm) → exe; comm is in the key because exec keeps the pid.
-    exe: HashMap<(u32, u64), Option<String>>,
-    cgroups: HashMap<u64, String>,
+    exe: HashMap<(u32, u64), Option<Arc<str>>>,
+    cgroups: HashMap<u64, Arc<str>>,
     cgroup_root: Option<PathBuf>,
     last_scan: Option<Instant>,
 }
@@ -45,7 +46,7 @@ impl Identity {
                 ev.cgroup = self.cgroup_path(ev.cgroup_id, ev.tgid);
             }
             crate::event::Kind::Exec => {
-                let exe = String::from_utf8_lossy(&ev.data).into_owned();
+                let exe: Arc<str> = String::from_utf8_lossy(&ev.data).into();
                 let key = (ev.tgid, comm_hash(&ev.comm));
                 self.exe.insert(key, Some(exe.clone()));
                 ev.exe = Some(exe);
@@ -54,7 +55,7 @@ impl Identity {
         }
     }
 
-    pub fn exe(&mut self, tgid: u32, comm: &str) -> Option<String> {
+    pub fn exe(&mut self, tgid: u32, comm: &str) -> Option<Arc<str>> {
         if self.exe.len() > MAX_CACHE {
             self.exe.clear();
         }
@@ -64,13 +65,13 @@ impl Identity {
             .or_insert_with(|| {
                 fs::read_link(format!("/proc/{tgid}/exe"))
                     .ok()
-                    .map(|p| p.display().to_string())
+                    .map(|p| p.display().to_string().into())
             })
             .clone()
     }
 
     /// Path of the cgroup (v2) with this id, relative to the cgroup2 mount ("/a/b").
-    pub fn cgroup_path(&mut self, id: u64, tgid: u32) -> Option<String> {
+    pub fn cgroup_path(&mut self, id: u64, tgid: u32) -> Option<Arc<str>> {
         if let Some(p) = self.cgroups.get(&id) {
             return Some(p.clone());
         }
@@ -110,10 +111,11 @@ impl Identity {
         Some(self.remember(id, format!("/{rel}")))
     }
 
-    fn remember(&mut self, id: u64, path: String) -> String {
+    fn remember(&mut self, id: u64, path: String) -> Arc<str> {
         if self.cgroups.len() > MAX_CACHE {
             self.cgroups.clear();
         }
+        let path: Arc<str> = path.into();
         self.cgroups.insert(id, path.clone());
         path
     }
@@ -140,6 +142,32 @@ pub fn cgroup2_root() -> Option<PathBuf> {
         }
         Some(PathBuf::from(pre.split_whitespace().nth(4)?))
     })
+}
+
+/// Ids of the cgroups at `paths` (relative to the cgroup2 mount, or absolute under it) and of
+/// all their descendants: a pod's or service's processes live in child cgroups.
+pub fn cgroup_ids_under(paths: &[String]) -> HashSet<u64> {
+    let mut ids = HashSet::new();
+    let Some(root) = cgroup2_root() else {
+        return ids;
+    };
+    for p in paths {
+        let rel = p.strip_prefix(root.to_str().unwrap_or("")).unwrap_or(p);
+        let mut stack = vec![root.join(rel.trim_start_matches('/'))];
+        while let Some(dir) = stack.pop() {
+            if let Some(id) = inode(&dir) {
+                ids.insert(id);
+            }
+            if let Ok(rd) = fs::read_dir(&dir) {
+                stack.extend(
+                    rd.flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
+            }
+        }
+    }
+    ids
 }
 
 /// This host's name, the default node name.

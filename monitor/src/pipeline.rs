@@ -7,19 +7,17 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::{Duration, UNIX_EPOCH},
 };
 
 use serde::Serialize;
 
 use crate::{
-    credential::{self, Credential, Fingerprinter},
+    credential::{self, Credential, CredentialConfig, Fingerprinter},
     event::{Direction, Event, Flow, Kind, Source},
-    parse::{
-        Message,
-        http1::{self, Http1Parser, ParseError},
-    },
+    parse::{self, Message, ParseError, Parser, Sniff},
 };
 
 /// Connections tracked at once; the least recently used are dropped past it.
@@ -29,29 +27,37 @@ const PENDING_WAIT_NS: u64 = 500_000_000;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Endpoint {
-    pub ip: String,
+    pub ip: IpAddr,
     pub port: u16,
 }
 
 impl From<SocketAddr> for Endpoint {
     fn from(a: SocketAddr) -> Self {
         Endpoint {
-            ip: a.ip().to_string(),
+            ip: a.ip(),
             port: a.port(),
         }
     }
 }
 
+/// RFC 3339 with microseconds, formatted only when a record is written.
+fn rfc3339<S: serde::Serializer>(ns: &u64, s: S) -> Result<S::Ok, S::Error> {
+    let t = UNIX_EPOCH + Duration::from_nanos(*ns);
+    s.collect_str(&humantime::format_rfc3339_micros(t))
+}
+
 /// One parsed request as printed by `monitor run`.
 #[derive(Debug, Clone, Serialize)]
 pub struct RequestRecord {
-    pub time: String,
+    /// Wall-clock ns since the epoch, written as RFC 3339.
+    #[serde(serialize_with = "rfc3339")]
+    pub time: u64,
     pub pid: u32,
     pub tid: u32,
     pub comm: String,
-    pub exe: Option<String>,
+    pub exe: Option<Arc<str>>,
     pub cgroup_id: u64,
-    pub cgroup: Option<String>,
+    pub cgroup: Option<Arc<str>>,
     pub netns: u32,
     /// Whether the observing process sent the request (client) or received it (server).
     pub side: &'static str,
@@ -64,6 +70,9 @@ pub struct RequestRecord {
     pub method: String,
     pub host: Option<String>,
     pub path: String,
+    /// PostgreSQL database of a login.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
     pub credentials: Vec<Credential>,
     /// Kernel time of the event that completed the request (latency measurements).
     #[serde(skip)]
@@ -77,8 +86,14 @@ pub struct PipelineStats {
     pub requests: u64,
     pub responses: u64,
     pub credentials: u64,
+    /// Redis and PostgreSQL logins.
+    pub logins: u64,
+    /// Streams no parser recognised (the name predates the other protocols).
     pub streams_not_http: u64,
     pub parse_errors: u64,
+    /// Fields or header blocks stepped over undecoded (HTTP/2 seen mid-stream, lost HPACK
+    /// state).
+    pub parse_drops: u64,
     pub gaps: u64,
     pub conns_evicted: u64,
     pub conns: usize,
@@ -86,10 +101,10 @@ pub struct PipelineStats {
 
 #[derive(Default)]
 struct Stream {
-    parser: Option<Http1Parser>,
+    parser: Option<Parser>,
     /// Bytes seen before the protocol could be told.
     sniff: Vec<u8>,
-    /// Not HTTP/1: ignored from now on.
+    /// No known protocol: ignored from now on.
     dead: bool,
     /// After a parse error or a gap: wait for the next call to start.
     resync: bool,
@@ -111,6 +126,7 @@ struct Conn {
 
 pub struct Pipeline {
     fp: Fingerprinter,
+    cfg: CredentialConfig,
     conns: HashMap<(u32, u64), Conn>,
     /// (tgid, sk) → SSL conn ids, to drop TLS streams when their socket closes.
     tls_by_sk: HashMap<(u32, u64), u64>,
@@ -135,20 +151,19 @@ pub fn boot_offset_ns() -> i128 {
 impl Pipeline {
     /// Events must be enriched (time, exe, cgroup: `Identity::enrich`) before they get here.
     pub fn new(fp: Fingerprinter) -> Self {
+        Self::with_config(fp, CredentialConfig::default())
+    }
+
+    /// Like [`Pipeline::new`], with the headers, cookies and query keys to look in.
+    pub fn with_config(fp: Fingerprinter, cfg: CredentialConfig) -> Self {
         Pipeline {
             fp,
+            cfg,
             conns: HashMap::new(),
             tls_by_sk: HashMap::new(),
             pending: HashSet::new(),
             stats: PipelineStats::default(),
         }
-    }
-
-    fn time(time_ns: u64) -> String {
-        let ns = time_ns as u128;
-        let t =
-            UNIX_EPOCH + Duration::new((ns / 1_000_000_000) as u64, (ns % 1_000_000_000) as u32);
-        humantime::format_rfc3339_micros(t).to_string()
     }
 
     /// Handles one event; finished records are appended to `out`.
@@ -261,48 +276,88 @@ impl Pipeline {
         let mut msgs = Vec::new();
         if stream.parser.is_none() {
             stream.sniff.extend_from_slice(&ev.data);
-            match http1::sniff(&stream.sniff) {
-                None if stream.sniff.len() < 16 => return,
-                Some(Ok(role)) => stream.parser = Some(Http1Parser::new(role)),
-                _ => {
+            match parse::sniff(&stream.sniff) {
+                Sniff::Undecided => return,
+                Sniff::Known(p) => stream.parser = Some(p),
+                Sniff::Unknown => {
                     stream.dead = true;
+                    zeroize::Zeroize::zeroize(&mut stream.sniff);
                     stream.sniff = Vec::new();
                     self.stats.streams_not_http += 1;
                     return;
                 }
             }
-            let first = std::mem::take(&mut stream.sniff);
-            let r = stream.parser.as_mut().map(|p| p.feed(&first, &mut msgs));
-            zeroize::Zeroize::zeroize(&mut { first });
-            if let Some(Err(e)) = r {
-                Self::parse_error(&mut self.stats, stream, e);
-            }
-        } else if let Some(Err(e)) = stream.parser.as_mut().map(|p| p.feed(&ev.data, &mut msgs)) {
+        }
+        let first = std::mem::take(&mut stream.sniff);
+        let data = if first.is_empty() { &ev.data } else { &first };
+        let Some(parser) = stream.parser.as_mut() else {
+            return;
+        };
+        let drops = parser.drops();
+        let r = parser.feed(data, &mut msgs);
+        self.stats.parse_drops += parser.drops().saturating_sub(drops);
+        let protocol = parser.protocol();
+        let table_size = parser.take_table_size();
+        zeroize::Zeroize::zeroize(&mut { first });
+        if let Err(e) = r {
             Self::parse_error(&mut self.stats, stream, e);
         }
+        // An HTTP/2 side's SETTINGS bounds the HPACK table of the other direction.
+        if let Some(size) = table_size {
+            let other = match ev.direction {
+                Direction::Egress => &mut conn.ingress,
+                Direction::Ingress => &mut conn.egress,
+            };
+            if let Some(p) = other.parser.as_mut() {
+                p.set_table_limit(size);
+            }
+        }
         for m in msgs {
-            match m {
-                Message::Response { .. } => self.stats.responses += 1,
+            let (method, host, path, database, credentials) = match m {
+                Message::Response { .. } => {
+                    self.stats.responses += 1;
+                    continue;
+                }
                 Message::Request(req) => {
                     self.stats.requests += 1;
-                    let credentials = credential::extract(&req.headers, &self.fp);
-                    self.stats.credentials += credentials.len() as u64;
-                    let rec = self.record(&ev, key, req.method, req.host, req.path, credentials);
-                    let conn = self.conns.get_mut(&key).expect("conn exists");
-                    if conn.flow.is_none() && conn.source.is_tls() {
-                        conn.pending.push(rec);
-                        self.pending.insert(key);
-                    } else {
-                        out.push(rec);
-                    }
+                    let credentials =
+                        credential::extract(&req.headers, &req.path, &self.cfg, &self.fp);
+                    // The path is printed: query tokens are not.
+                    let path = match credential::redact_path(&req.path, &self.cfg) {
+                        std::borrow::Cow::Borrowed(_) => req.path,
+                        std::borrow::Cow::Owned(p) => p,
+                    };
+                    (req.method, req.host, path, None, credentials)
                 }
+                Message::Login(login) => {
+                    self.stats.logins += 1;
+                    let credentials = credential::login(&login, &self.fp).into_iter().collect();
+                    (
+                        login.command.to_string(),
+                        None,
+                        String::new(),
+                        login.database,
+                        credentials,
+                    )
+                }
+            };
+            self.stats.credentials += credentials.len() as u64;
+            let mut rec = self.record(&ev, key, method, host, path, credentials);
+            rec.protocol = protocol;
+            rec.database = database;
+            let conn = self.conns.get_mut(&key).expect("conn exists");
+            if conn.flow.is_none() && conn.source.is_tls() {
+                conn.pending.push(rec);
+                self.pending.insert(key);
+            } else {
+                out.push(rec);
             }
         }
     }
 
     fn parse_error(stats: &mut PipelineStats, stream: &mut Stream, e: ParseError) {
         stats.parse_errors += 1;
-        tracing::debug!(error = %e, "http/1 parse error; resynchronising");
+        tracing::debug!(error = %e, "parse error; resynchronising");
         stream.resync = true;
     }
 
@@ -315,7 +370,7 @@ impl Pipeline {
         path: String,
         credentials: Vec<Credential>,
     ) -> RequestRecord {
-        let time = Self::time(ev.time_ns);
+        let time = ev.time_ns;
         let conn = &self.conns[&key];
         let side = if ev.direction == Direction::Egress {
             "client"
@@ -341,6 +396,7 @@ impl Pipeline {
             method,
             host,
             path,
+            database: None,
             credentials,
             ts_ns: ev.ts_ns,
         };

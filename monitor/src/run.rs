@@ -37,6 +37,11 @@ pub struct RunArgs {
     /// WARNING: the file holds captured PLAINTEXT, credentials included; it is created 0600.
     #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,
+    /// Watch only these cgroups (v2 paths such as `/kubepods.slice/...` or
+    /// `/system.slice/nginx.service`) and their descendants; repeatable. Other processes still
+    /// trap into TLS probes but the programs return at once.
+    #[arg(long = "cgroup", value_name = "PATH")]
+    pub cgroups: Vec<String>,
     /// Node name carried in events and records (default: the host name).
     #[arg(long, env = "MONITOR_NODE")]
     pub node: Option<String>,
@@ -166,7 +171,15 @@ fn drain(rb: &mut RingBuf<MapData>, ctx: &mut Ctx, recs: &mut Vec<RequestRecord>
 pub async fn run(args: RunArgs) -> Result<()> {
     probe::check_privileges()?;
     let fp = Fingerprinter::load_or_create(&args.key_file)?;
-    let mut probes = Probes::load(args.probes, !args.no_plaintext)?;
+    let mut probes = Probes::load(args.probes, !args.no_plaintext, !args.cgroups.is_empty())?;
+    if !args.cgroups.is_empty() {
+        let ids = identity::cgroup_ids_under(&args.cgroups);
+        if ids.is_empty() {
+            anyhow::bail!("none of the --cgroup paths exist: {:?}", args.cgroups);
+        }
+        probes.select_cgroups(&ids)?;
+        info!(cgroups = ids.len(), "watching only the selected cgroups");
+    }
     let libs = probe::libs::discover();
     if libs.is_empty() {
         warn!("no libssl found: TLS traffic through OpenSSL will not be seen");
@@ -216,6 +229,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 write_records(&mut out, &mut recs);
             }
             _ = rescan.tick() => {
+                if !args.cgroups.is_empty() {
+                    probes.select_cgroups(&identity::cgroup_ids_under(&args.cgroups))?;
+                }
                 let n = probes.attach_openssl(&probe::libs::mapped_libssl());
                 if n > 0 {
                     info!(new = n, "attached to newly loaded TLS libraries");
@@ -228,7 +244,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     // Drain what is already in the ring before detaching.
     drain(ring.get_mut(), &mut ctx, &mut recs)?;
-    let Ctx { mut pipe, decode_errors, .. } = ctx;
+    let Ctx {
+        mut pipe,
+        decode_errors,
+        ..
+    } = ctx;
     pipe.flush_all(&mut recs);
     write_records(&mut out, &mut recs);
     let kernel = probes.stats()?;

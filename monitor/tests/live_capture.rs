@@ -364,3 +364,54 @@ fn out_has_paths(out: &Output, paths: &[&str]) {
         );
     }
 }
+
+#[test]
+fn cgroup_selection_reports_only_the_selected_workload() {
+    let _g = serial();
+    let s = setup();
+    let other = Cgroup::new(&format!(
+        "{}-other",
+        s.client_cg.path.trim_start_matches('/')
+    ));
+    let mon = Monitor::start(&["--cgroup", &s.client_cg.path]);
+    let tok = token();
+    let pid = s.curl("https://server.test/selected", &[bearer(&tok)]);
+    // The same request from a cgroup that was not selected.
+    let resolve = format!("server.test:443:{}", s.lab.server_ip);
+    let cert = s.nginx.cert.display().to_string();
+    let h = bearer(&tok);
+    let argv = [
+        "curl",
+        "-sS",
+        "-o",
+        "/dev/null",
+        "--resolve",
+        &resolve,
+        "--cacert",
+        &cert,
+        "-H",
+        &h,
+        "https://server.test/not-selected",
+    ];
+    assert!(
+        other
+            .spawn(&s.lab.client_ns, &argv)
+            .wait()
+            .unwrap()
+            .success()
+    );
+    let out = mon.stop();
+
+    let r = one(&out, "client", "/selected");
+    assert_eq!(r["pid"], json!(pid));
+    assert!(
+        out.find(&[("/path", json!("/not-selected"))]).is_empty(),
+        "unselected cgroup reported"
+    );
+    // nginx runs in the server cgroup, which was not selected either.
+    assert!(
+        out.find(&[("/side", json!("server"))]).is_empty(),
+        "server side reported"
+    );
+    assert_eq!(out.events_lost(), 0);
+}

@@ -88,13 +88,15 @@ fn ensure_tracefs() -> Result<()> {
 }
 
 impl Probes {
-    pub fn load(set: ProbeSet, capture_plaintext: bool) -> Result<Self> {
+    pub fn load(set: ProbeSet, capture_plaintext: bool, filter_cgroups: bool) -> Result<Self> {
         raise_memlock();
         ensure_tracefs()?;
         let offsets = btf::kernel_offsets()?;
         let config = ProbeConfig {
             self_tgid: std::process::id(),
             capture_plaintext: capture_plaintext as u32,
+            filter_cgroups: filter_cgroups as u32,
+            _pad: 0,
         };
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
@@ -195,6 +197,23 @@ impl Probes {
 
     pub fn attached_libraries(&self) -> usize {
         self.attached.len()
+    }
+
+    /// Replaces the set of selected cgroup ids (with `filter_cgroups`).
+    pub fn select_cgroups(&mut self, ids: &HashSet<u64>) -> Result<()> {
+        let mut map: aya::maps::HashMap<_, u64, u8> = aya::maps::HashMap::try_from(
+            self.ebpf
+                .map_mut("CGROUPS")
+                .context("CGROUPS map missing")?,
+        )?;
+        let old: Vec<u64> = map.keys().filter_map(Result::ok).collect();
+        for id in ids {
+            map.insert(id, 1, 0)?;
+        }
+        for id in old.into_iter().filter(|i| !ids.contains(i)) {
+            let _ = map.remove(&id);
+        }
+        Ok(())
     }
 
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
