@@ -86,20 +86,20 @@ impl Identity {
                 }
             }
         }
-        // Slow path: walk the hierarchy, at most once a second.
+        // Slow path: walk the hierarchy and remember every cgroup in it (one walk serves all
+        // the workloads started meanwhile), at most four times a second.
         if self
             .last_scan
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(250))
         {
             return None;
         }
         self.last_scan = Some(Instant::now());
         let mut stack = vec![root.clone()];
-        let mut found = None;
         while let Some(dir) = stack.pop() {
             let Ok(rd) = fs::read_dir(&dir) else { continue };
-            if inode(&dir) == Some(id) {
-                found = Some(dir.clone());
+            if let (Some(ino), Ok(rel)) = (inode(&dir), dir.strip_prefix(&root)) {
+                self.remember(ino, format!("/{}", rel.display()));
             }
             for e in rd.flatten() {
                 if e.file_type().is_ok_and(|t| t.is_dir()) {
@@ -107,8 +107,7 @@ impl Identity {
                 }
             }
         }
-        let rel = found?.strip_prefix(&root).ok()?.display().to_string();
-        Some(self.remember(id, format!("/{rel}")))
+        self.cgroups.get(&id).cloned()
     }
 
     fn remember(&mut self, id: u64, path: String) -> Arc<str> {

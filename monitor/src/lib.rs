@@ -2,11 +2,15 @@
 //! → (detection) → sink. The `monitor` binary wires these together; tests, fuzz targets and
 //! benchmarks use them directly.
 
+pub mod alert;
 pub mod credential;
+pub mod detect;
 pub mod event;
 pub mod identity;
 pub mod parse;
 pub mod pipeline;
+pub mod rules;
+pub mod sink;
 pub mod probe;
 
 /// Default place of the fingerprint key; one key per cluster makes fingerprints agree.

@@ -1,5 +1,6 @@
 //! `monitor`: watches east-west traffic for credentials and where they are used.
 
+mod outputs;
 mod replay;
 mod run;
 
@@ -19,6 +20,15 @@ enum Command {
     Run(run::RunArgs),
     /// Run the same pipeline on a recorded event log, without the kernel (no root needed).
     Replay(replay::ReplayArgs),
+    /// Rules files: `check DIR` validates them and reports every error as file:line:column.
+    #[command(subcommand)]
+    Rules(RulesCommand),
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Validate a rules directory (or file).
+    Check { dir: std::path::PathBuf },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,5 +49,25 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(run::run(args))
         }
         Command::Replay(args) => replay::replay(args),
+        Command::Rules(RulesCommand::Check { dir }) => match monitor::rules::Rules::load(&dir) {
+            Ok(r) => {
+                println!(
+                    "{}: ok ({} workloads, {} destinations, {} edges, {} credentials)",
+                    dir.display(),
+                    r.workloads.len(),
+                    r.destinations.len(),
+                    r.edges.len(),
+                    r.credentials.len()
+                );
+                Ok(())
+            }
+            Err(errs) => {
+                for e in &errs {
+                    println!("{e}");
+                }
+                eprintln!("{} error(s)", errs.len());
+                std::process::exit(1)
+            }
+        },
     }
 }

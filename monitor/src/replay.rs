@@ -12,8 +12,6 @@ use clap::Args;
 use monitor::{credential::Fingerprinter, event::Event, pipeline::Pipeline};
 use tracing::{info, warn};
 
-use crate::run::write_records;
-
 #[derive(Args, Debug)]
 pub struct ReplayArgs {
     /// Event log written by `monitor run --record` (JSON lines; `-` for stdin).
@@ -22,6 +20,11 @@ pub struct ReplayArgs {
     /// Fingerprint key; the live run's key reproduces its fingerprints.
     #[arg(long, env = "MONITOR_KEY_FILE", default_value = monitor::DEFAULT_KEY_FILE)]
     pub key_file: PathBuf,
+    /// Node name for detections (default: the node recorded in the events).
+    #[arg(long)]
+    pub node: Option<String>,
+    #[command(flatten)]
+    pub detect: crate::outputs::DetectArgs,
 }
 
 pub fn replay(args: ReplayArgs) -> Result<()> {
@@ -35,8 +38,7 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
         ))
     };
     let mut pipe = Pipeline::new(fp);
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut outputs: Option<crate::outputs::Outputs> = None;
     let mut recs = Vec::new();
     let mut bad = 0u64;
     for (n, line) in input.lines().enumerate() {
@@ -53,16 +55,35 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
                 continue;
             }
         };
-        let now = ev.ts_ns;
+        if outputs.is_none() {
+            let node = args.node.clone().unwrap_or_else(|| ev.node.clone());
+            outputs = Some(crate::outputs::Outputs::new(&args.detect, &node)?);
+        }
+        let out = outputs.as_mut().expect("made above");
+        let (now, wall) = (ev.ts_ns, ev.time_ns);
         pipe.handle(ev, &mut recs);
         pipe.flush(now, &mut recs);
-        if recs.len() >= 1024 {
-            write_records(&mut out, &mut recs);
+        if !recs.is_empty() {
+            out.write(&mut recs);
         }
+        // Deduplication windows close on the events' clock, never the wall clock.
+        out.tick(wall);
     }
     pipe.flush_all(&mut recs);
-    write_records(&mut out, &mut recs);
-    let summary = serde_json::json!({ "malformed_lines": bad, "pipeline": pipe.stats });
+    let out = match outputs.as_mut() {
+        Some(o) => o,
+        None => outputs.insert(crate::outputs::Outputs::new(
+            &args.detect,
+            args.node.as_deref().unwrap_or("replay"),
+        )?),
+    };
+    out.write(&mut recs);
+    out.finish()?;
+    let summary = serde_json::json!({
+        "malformed_lines": bad,
+        "pipeline": pipe.stats,
+        "detect": out.detector.stats,
+    });
     info!(summary = %summary, "replay finished");
     Ok(())
 }

@@ -45,6 +45,8 @@ pub struct RunArgs {
     /// Node name carried in events and records (default: the host name).
     #[arg(long, env = "MONITOR_NODE")]
     pub node: Option<String>,
+    #[command(flatten)]
+    pub detect: crate::outputs::DetectArgs,
 }
 
 /// The event log: plaintext on disk, so owner-only and announced loudly.
@@ -124,16 +126,10 @@ impl Latency {
     }
 }
 
-pub fn write_records(out: &mut impl Write, recs: &mut Vec<RequestRecord>) {
-    for r in recs.drain(..) {
-        match serde_json::to_string(&r) {
-            Ok(line) => {
-                let _ = writeln!(out, "{line}");
-            }
-            Err(e) => warn!(error = %e, "cannot serialise a record"),
-        }
-    }
-    let _ = out.flush();
+fn wall_clock_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// Everything one ring buffer record goes through, in order.
@@ -203,8 +199,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut drain_tick = tokio::time::interval(Duration::from_millis(5));
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rescan = tokio::time::interval(Duration::from_secs(args.rescan_secs.max(1)));
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut outputs = crate::outputs::Outputs::new(&args.detect, &ctx.node)?;
+    let mut sighup = signal(SignalKind::hangup())?;
     let mut recs = Vec::new();
     let mut latency = Latency::default();
     info!(libraries = probes.attached_libraries(), "monitor ready");
@@ -216,17 +212,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 drain(guard.get_inner_mut(), &mut ctx, &mut recs)?;
                 guard.clear_ready();
                 latency.observe(&recs);
-                write_records(&mut out, &mut recs);
+                outputs.write(&mut recs);
             }
             // The kernel wakes us only when a lot is waiting: drain on a short timer too.
             _ = drain_tick.tick() => {
                 drain(ring.get_mut(), &mut ctx, &mut recs)?;
                 latency.observe(&recs);
-                write_records(&mut out, &mut recs);
+                outputs.write(&mut recs);
             }
             _ = tick.tick() => {
                 ctx.pipe.flush(pipeline::monotonic_ns(), &mut recs);
-                write_records(&mut out, &mut recs);
+                outputs.write(&mut recs);
+                outputs.tick(wall_clock_ns());
             }
             _ = rescan.tick() => {
                 if !args.cgroups.is_empty() {
@@ -237,6 +234,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     info!(new = n, "attached to newly loaded TLS libraries");
                 }
             }
+            _ = sighup.recv() => outputs.reload(),
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }
@@ -250,7 +248,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         ..
     } = ctx;
     pipe.flush_all(&mut recs);
-    write_records(&mut out, &mut recs);
+    outputs.write(&mut recs);
+    outputs.finish()?;
     let kernel = probes.stats()?;
     let lost: u64 = kernel.iter().map(|s| s.lost).sum();
     let summary = serde_json::json!({
@@ -259,6 +258,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         "latency_event_to_record": latency.summary(),
         "kernel": kernel,
         "pipeline": pipe.stats,
+        "detect": outputs.detector.stats,
     });
     info!(summary = %summary, "monitor stopped");
     if lost > 0 {

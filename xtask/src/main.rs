@@ -1,6 +1,8 @@
 //! Project tasks: `cargo xtask setup | build | run | test | bench`.
 
 mod bench;
+mod clickhouse;
+mod demo;
 
 use std::{
     path::{Path, PathBuf},
@@ -36,6 +38,11 @@ enum Task {
     /// Benchmarks (as root): ratios against baselines measured in the same run.
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// A local ClickHouse (chdb-core engine) for development and tests: up, down, status.
+    #[command(subcommand)]
+    Clickhouse(clickhouse::Clickhouse),
+    /// A one-command demo (as root): workloads, legitimate calls, a replayed token, alerts.
+    Demo,
     /// Set up, then run every test, the live eBPF ones included (as root).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -186,6 +193,14 @@ fn main() -> Result<()> {
                 bench::Bench::Overhead(a) => bench::overhead(a),
                 bench::Bench::Load(a) => bench::load(a),
             }
+        }
+        Task::Clickhouse(c) => clickhouse::main(c),
+        Task::Demo => {
+            if !is_root() {
+                bail!("the demo attaches eBPF programs and creates namespaces: run as root");
+            }
+            setup(true)?;
+            demo::demo()
         }
         Task::Test { args } => {
             if !is_root() {

@@ -55,6 +55,17 @@ pub struct Http1Parser {
     body: Body,
 }
 
+impl std::fmt::Debug for Http1Parser {
+    // The buffer holds headers: credentials. Only its length is shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Http1Parser")
+            .field("role", &self.role)
+            .field("buffered", &self.buf.len())
+            .field("body", &self.body)
+            .finish()
+    }
+}
+
 const METHODS: &[&[u8]] = &[
     b"GET ",
     b"POST ",

@@ -1,0 +1,425 @@
+//! Correlation: each credential observation is checked against the rules and against what
+//! was seen before (bindings, users, times); findings become alerts, deduplicated per
+//! (rule, credential, source, destination) within a window.
+
+pub mod graph;
+pub mod hygiene;
+pub mod replay;
+pub mod state;
+pub mod workload;
+
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, UNIX_EPOCH},
+};
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::{
+    alert::{Alert, AlertCredential, AlertDestination, AlertSource, SCHEMA, Severity},
+    credential::Credential,
+    pipeline::RequestRecord,
+    rules::{CredentialRule, Mode, Rules},
+};
+
+use self::state::State;
+
+pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(300);
+pub const DEFAULT_MAX_CREDENTIALS: usize = 1_000_000;
+
+/// Bindings made on other nodes (read from the shared store), by fingerprint.
+pub trait SharedBindings: Send + Sync {
+    fn get(&self, fingerprint: &str) -> Option<RemoteBinding>;
+    /// A binding made here, for the other nodes.
+    fn publish(&self, fingerprint: &str, workload: &str, node: &str, first_seen_ns: u64);
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteBinding {
+    pub workload: String,
+    pub node: String,
+    pub first_seen_ns: u64,
+}
+
+/// One request as the detectors see it.
+pub struct Obs<'a> {
+    pub rec: &'a RequestRecord,
+    pub time_ns: u64,
+    pub source: String,
+    pub destination: String,
+    pub node: &'a str,
+}
+
+/// What a detector found; the engine turns it into an alert.
+pub struct Finding {
+    pub rule: &'static str,
+    pub severity: Severity,
+    pub summary: String,
+    pub expected: Value,
+    pub first_seen: Option<(u64, String)>,
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct DetectStats {
+    pub observations: u64,
+    pub alerts: u64,
+    pub deduplicated: u64,
+    pub server_side_duplicates: u64,
+    pub bindings: usize,
+    pub bindings_evicted: u64,
+    pub alerts_by_rule: BTreeMap<&'static str, u64>,
+}
+
+pub struct Detector {
+    rules: Arc<Rules>,
+    mode: Mode,
+    node: String,
+    state: State,
+    shared: Option<Arc<dyn SharedBindings>>,
+    /// Client-side flows seen recently: the server side of the same request is not a second use.
+    client_flows: lru::LruCache<(std::net::SocketAddr, std::net::SocketAddr), u64>,
+    pub stats: DetectStats,
+}
+
+pub fn references(rule: &str) -> Vec<String> {
+    let r: &[&str] = match rule {
+        "token-replay" => &[
+            "OWASP-NHI9 NHI Reuse",
+            "OWASP-NHI2 Secret Leakage",
+            "MITRE-ATT&CK T1550.001 Application Access Token",
+        ],
+        "bound-token-mismatch" => &[
+            "OWASP-NHI9 NHI Reuse",
+            "MITRE-ATT&CK T1550.001 Application Access Token",
+        ],
+        "off-path" => &[
+            "OWASP-NHI5 Overprivileged NHI",
+            "MITRE-ATT&CK T1078 Valid Accounts",
+            "NIST SP 800-207",
+        ],
+        "cleartext-credential" => &[
+            "OWASP-NHI4 Insecure Authentication",
+            "OWASP-NHI2 Secret Leakage",
+            "MITRE-ATT&CK T1040 Network Sniffing",
+        ],
+        "expired-token" => &[
+            "OWASP-NHI1 Improper Offboarding",
+            "MITRE-ATT&CK T1078 Valid Accounts",
+        ],
+        "long-lived-token" => &["OWASP-NHI7 Long-Lived Secrets"],
+        "shared-credential" => &["OWASP-NHI9 NHI Reuse"],
+        "concurrent-use" => &[
+            "OWASP-NHI9 NHI Reuse",
+            "MITRE-ATT&CK T1550.001 Application Access Token",
+        ],
+        "human-identity" => &[
+            "OWASP-NHI10 Human Use of NHI",
+            "MITRE-ATT&CK T1078 Valid Accounts",
+        ],
+        "honeytoken" => &[
+            "OWASP-NHI2 Secret Leakage",
+            "MITRE-ATT&CK T1552 Unsecured Credentials",
+        ],
+        _ => &[],
+    };
+    r.iter().map(|s| s.to_string()).collect()
+}
+
+pub fn default_severity(rule: &str) -> Severity {
+    match rule {
+        "honeytoken" => Severity::Critical,
+        "token-replay" | "bound-token-mismatch" | "concurrent-use" | "human-identity" => {
+            Severity::High
+        }
+        "long-lived-token" => Severity::Low,
+        _ => Severity::Medium,
+    }
+}
+
+pub fn rfc3339(ns: u64) -> String {
+    humantime::format_rfc3339_micros(UNIX_EPOCH + Duration::from_nanos(ns)).to_string()
+}
+
+/// Short form of a fingerprint for summaries.
+pub(crate) fn short_fp(fp: &str) -> &str {
+    &fp[..fp.len().min(8)]
+}
+
+impl Detector {
+    pub fn new(rules: Arc<Rules>, node: &str, mode: Option<Mode>, state: Option<State>) -> Self {
+        let cap = rules
+            .settings
+            .max_tracked_credentials
+            .unwrap_or(DEFAULT_MAX_CREDENTIALS);
+        Detector {
+            mode: mode.unwrap_or(rules.mode),
+            rules,
+            node: node.to_string(),
+            state: state.unwrap_or_else(|| State::new(cap)),
+            shared: None,
+            client_flows: lru::LruCache::new(std::num::NonZeroUsize::new(65536).expect("non-zero")),
+            stats: DetectStats::default(),
+        }
+    }
+
+    pub fn with_shared(mut self, shared: Arc<dyn SharedBindings>) -> Self {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// New rules (SIGHUP); learnt state is kept.
+    pub fn set_rules(&mut self, rules: Arc<Rules>, mode: Option<Mode>) {
+        self.mode = mode.unwrap_or(rules.mode);
+        self.rules = rules;
+    }
+
+    pub fn rules(&self) -> &Rules {
+        &self.rules
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    fn window(&self) -> u64 {
+        self.rules
+            .settings
+            .dedup_window
+            .unwrap_or(DEFAULT_DEDUP_WINDOW)
+            .as_nanos() as u64
+    }
+
+    /// The credential rule (if any) this credential falls under.
+    pub fn credential_rule<'r>(rules: &'r Rules, c: &Credential) -> Option<&'r CredentialRule> {
+        let g = |p: &Option<String>, v: Option<&str>| match p {
+            None => true,
+            Some(p) => v.is_some_and(|v| crate::rules::glob(p).is_ok_and(|g| g.is_match(v))),
+        };
+        rules.credentials.iter().find(|r| {
+            let m = &r.matcher;
+            let claims = c.claims.as_deref();
+            m.fingerprint
+                .as_ref()
+                .is_none_or(|f| f.eq_ignore_ascii_case(&c.fingerprint))
+                && m.kind.as_ref().is_none_or(|k| k == c.kind)
+                && g(&m.issuer, claims.and_then(|c| c.iss.as_deref()))
+                && g(&m.subject, claims.and_then(|c| c.sub.as_deref()))
+                && match &m.audience {
+                    None => true,
+                    Some(_) => {
+                        claims.is_some_and(|cl| cl.aud.iter().any(|a| g(&m.audience, Some(a))))
+                    }
+                }
+        })
+    }
+
+    /// Checks one request; alerts (new ones, not repeats) are appended to `out`.
+    pub fn observe(&mut self, rec: &RequestRecord, out: &mut Vec<Alert>) {
+        let client = workload::is_client_side(rec);
+        if let (Some(s), Some(d)) = (&rec.source, &rec.destination) {
+            let key = ((s.ip, s.port).into(), (d.ip, d.port).into());
+            if client {
+                self.client_flows.put(key, rec.time);
+            } else if self.client_flows.get(&key).is_some() {
+                // Already checked from the client's side, with the client's real identity.
+                self.stats.server_side_duplicates += 1;
+                return;
+            }
+        }
+        self.stats.observations += 1;
+        let rules = self.rules.clone();
+        let obs = Obs {
+            rec,
+            time_ns: rec.time,
+            source: workload::source_workload(&rules, rec),
+            destination: workload::destination(&rules, rec),
+            node: &self.node.clone(),
+        };
+        let mut findings = Vec::new();
+        graph::off_path(&rules, &obs, &mut findings);
+        // Name the credential the off-path call carried, if it carried one.
+        self.emit(&obs, rec.credentials.first(), findings, out);
+        for c in &rec.credentials {
+            let mut findings = Vec::new();
+            let cr = Self::credential_rule(&rules, c);
+            hygiene::check(&rules, cr, &obs, c, &mut findings);
+            replay::check(self, cr, &obs, c, &mut findings);
+            self.emit(&obs, Some(c), findings, out);
+        }
+        self.stats.bindings = self.state.creds.len();
+        self.stats.bindings_evicted = self.state.evicted;
+    }
+
+    fn emit(
+        &mut self,
+        obs: &Obs,
+        cred: Option<&Credential>,
+        findings: Vec<Finding>,
+        out: &mut Vec<Alert>,
+    ) {
+        for f in findings {
+            let setting = self.rules.setting(f.rule);
+            if !setting.enabled.unwrap_or(true) {
+                continue;
+            }
+            // Learn mode builds bindings and the graph; it raises no reuse alerts.
+            if self.mode == Mode::Learn
+                && matches!(
+                    f.rule,
+                    "token-replay" | "off-path" | "shared-credential" | "concurrent-use"
+                )
+            {
+                continue;
+            }
+            let fp = cred.map_or("", |c| c.fingerprint.as_str());
+            let key = format!("{}|{fp}|{}|{}", f.rule, obs.source, obs.destination);
+            let window = self.window();
+            if let Some(open) = self.state.open.get_mut(&key)
+                && obs.time_ns.saturating_sub(open.first_ns) < window
+            {
+                open.alert.count += 1;
+                open.last_ns = obs.time_ns;
+                self.stats.deduplicated += 1;
+                continue;
+            }
+            let alert = self.build(obs, cred, &f, setting.severity.unwrap_or(f.severity));
+            *self.stats.alerts_by_rule.entry(f.rule).or_default() += 1;
+            self.stats.alerts += 1;
+            out.push(alert.clone());
+            self.state.open.insert(
+                key,
+                state::Open {
+                    alert,
+                    first_ns: obs.time_ns,
+                    last_ns: obs.time_ns,
+                    reported: 1,
+                },
+            );
+        }
+    }
+
+    fn build(
+        &self,
+        obs: &Obs,
+        cred: Option<&Credential>,
+        f: &Finding,
+        severity: Severity,
+    ) -> Alert {
+        let rec = obs.rec;
+        let client = workload::is_client_side(rec);
+        let fp = cred.map_or("", |c| c.fingerprint.as_str());
+        let mut h = Sha256::new();
+        h.update(format!(
+            "{}|{fp}|{}|{}|{}",
+            f.rule, obs.source, obs.destination, obs.time_ns
+        ));
+        let id = hex::encode(&h.finalize()[..8]);
+        let credential = cred.map(|c| {
+            let mut claims = BTreeMap::new();
+            if let Some(cl) = &c.claims
+                && let Ok(Value::Object(m)) = serde_json::to_value(cl)
+            {
+                claims.extend(m);
+            }
+            if let Some(u) = &c.user {
+                claims.insert("user".into(), json!(u));
+            }
+            AlertCredential {
+                fingerprint: c.fingerprint.clone(),
+                kind: c.kind.to_string(),
+                claims,
+            }
+        });
+        let owner = self
+            .rules
+            .owner_of(&obs.source)
+            .map(|o| json!({"team": o.team, "contact": o.contact}));
+        let src = rec.source.as_ref();
+        Alert {
+            schema: SCHEMA.into(),
+            time: rfc3339(obs.time_ns),
+            id,
+            rule: f.rule.into(),
+            severity,
+            summary: f.summary.clone(),
+            credential: credential.unwrap_or_default(),
+            source: AlertSource {
+                workload: obs.source.clone(),
+                pid: if client { rec.pid } else { 0 },
+                comm: if client {
+                    rec.comm.clone()
+                } else {
+                    String::new()
+                },
+                exe: if client { rec.exe.clone() } else { None },
+                cgroup: if client { rec.cgroup.clone() } else { None },
+                container_id: None,
+                pod: None,
+                node: obs.node.to_string(),
+                ip: src.map(|e| e.ip),
+                port: src.map(|e| e.port),
+            },
+            destination: AlertDestination {
+                workload: Some(obs.destination.clone()),
+                ip: rec.destination.as_ref().map(|e| e.ip),
+                port: rec.destination.as_ref().map(|e| e.port),
+                host: rec.host.clone(),
+                method: Some(rec.method.clone()),
+                path: Some(rec.path.split('?').next().unwrap_or_default().to_string()),
+            },
+            expected: f.expected.clone(),
+            first_seen: f.first_seen.as_ref().map(|(ns, _)| rfc3339(*ns)),
+            first_seen_by: f.first_seen.as_ref().map(|(_, w)| w.clone()),
+            owner,
+            references: references(f.rule),
+            count: 1,
+        }
+    }
+
+    /// Closes alerts whose window has passed; those that repeated are re-sent with their
+    /// final count (same id), so a flood becomes one alert and one update.
+    pub fn flush(&mut self, now_ns: u64, out: &mut Vec<Alert>) {
+        let window = self.window();
+        let done: Vec<String> = self
+            .state
+            .open
+            .iter()
+            .filter(|(_, o)| now_ns.saturating_sub(o.first_ns) >= window)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in done {
+            if let Some(o) = self.state.open.remove(&k)
+                && o.alert.count > o.reported
+            {
+                out.push(o.alert);
+            }
+        }
+    }
+
+    /// At shutdown: report the final counts of open alerts that repeated, keep them open.
+    pub fn flush_counts(&mut self, out: &mut Vec<Alert>) {
+        for o in self.state.open.values_mut() {
+            if o.alert.count > o.reported {
+                o.reported = o.alert.count;
+                out.push(o.alert.clone());
+            }
+        }
+    }
+
+    pub fn save_state(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        self.state.save(path)
+    }
+
+    pub(crate) fn state_mut(&mut self) -> &mut State {
+        &mut self.state
+    }
+
+    pub(crate) fn shared(&self) -> Option<&Arc<dyn SharedBindings>> {
+        self.shared.as_ref()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,523 @@
+//! Each rule id fires in its scenario and stays silent in a benign twin.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::{
+    credential::{
+        Credential,
+        jwt::{Claims, KubernetesClaims},
+    },
+    pipeline::{Endpoint, RequestRecord},
+    rules::{Rules, check},
+};
+
+const NOW: u64 = 1_800_000_000 * 1_000_000_000;
+
+fn rules(yaml: &str) -> Arc<Rules> {
+    let f = std::path::PathBuf::from("t.yaml");
+    let parsed = check::parse(&f, yaml).unwrap();
+    Arc::new(check::compile(vec![(f, yaml.to_string(), parsed)]).unwrap())
+}
+
+const RULES: &str = "
+workloads:
+  - { name: payments, match: { cgroup: /payments }, owner: { team: pay-team, contact: '#pay' }, identity: { namespace: shop, service_account: payments } }
+  - { name: orders, match: { cgroup: /orders } }
+  - { name: intruder, match: { cgroup: /intruder } }
+destinations:
+  - { name: orders-api, ips: [10.9.0.1], ports: [443] }
+  - { name: reports-api, ips: [10.9.0.2], ports: [443] }
+edges:
+  - { from: payments, to: orders-api, methods: [GET, POST], paths: [/api/] }
+credentials:
+  - { name: canary, match: { fingerprint: 00000000000000000000000000000bad }, honeytoken: true }
+  - { name: pay-static, match: { fingerprint: 0000000000000000000000000000000b }, bound_to: payments }
+human_identities:
+  - { issuer: 'https://idp.example.com/*' }
+";
+
+fn cred(fp: &str, claims: Option<Claims>) -> Credential {
+    Credential {
+        header: "authorization".into(),
+        kind: if claims.is_some() {
+            "bearer-jwt"
+        } else {
+            "bearer"
+        },
+        fingerprint: fp.into(),
+        user: None,
+        name: None,
+        claims: claims.map(Box::new),
+    }
+}
+
+fn req(cgroup: &str, dst: &str, tls: bool, t_secs: u64, creds: Vec<Credential>) -> RequestRecord {
+    RequestRecord {
+        time: NOW + t_secs * 1_000_000_000,
+        pid: 42,
+        tid: 42,
+        comm: "curl".into(),
+        exe: Some("/usr/bin/curl".into()),
+        cgroup_id: 7,
+        cgroup: Some(cgroup.into()),
+        netns: 1,
+        side: "client",
+        source: Some(Endpoint {
+            ip: "10.1.0.5".parse().unwrap(),
+            port: 40000 + t_secs as u16,
+        }),
+        destination: Some(Endpoint {
+            ip: dst.parse().unwrap(),
+            port: 443,
+        }),
+        fd: 5,
+        tls,
+        library: None,
+        protocol: "http/1.1",
+        method: "GET".into(),
+        host: None,
+        path: "/api/x".into(),
+        database: None,
+        credentials: creds,
+        ts_ns: 0,
+    }
+}
+
+fn run(rules: &Arc<Rules>, node: &str, reqs: &[RequestRecord]) -> Vec<Alert> {
+    let mut d = Detector::new(rules.clone(), node, None, None);
+    let mut out = Vec::new();
+    for r in reqs {
+        d.observe(r, &mut out);
+    }
+    out
+}
+
+fn fired(alerts: &[Alert], rule: &str) -> Vec<Alert> {
+    alerts.iter().filter(|a| a.rule == rule).cloned().collect()
+}
+
+const FP: &str = "0123456789abcdef0123456789abcdef";
+
+#[test]
+fn token_replay_first_seen_and_rules_binding() {
+    let r = rules(RULES);
+    let a = run(
+        &r,
+        "n1",
+        &[
+            req("/payments", "10.9.0.1", true, 0, vec![cred(FP, None)]),
+            req("/intruder", "10.9.0.1", true, 5, vec![cred(FP, None)]),
+        ],
+    );
+    let rep = fired(&a, "token-replay");
+    assert_eq!(rep.len(), 1, "{a:#?}");
+    assert_eq!(rep[0].source.workload, "intruder");
+    assert_eq!(rep[0].destination.workload.as_deref(), Some("orders-api"));
+    assert_eq!(rep[0].credential.fingerprint, FP);
+    assert_eq!(rep[0].first_seen_by.as_deref(), Some("payments"));
+    assert_eq!(rep[0].severity, Severity::High);
+    assert!(rep[0].references.iter().any(|r| r.contains("T1550.001")));
+    // Benign twin: the owner keeps using it.
+    let a = run(
+        &r,
+        "n1",
+        &[
+            req("/payments", "10.9.0.1", true, 0, vec![cred(FP, None)]),
+            req("/payments", "10.9.0.1", true, 5, vec![cred(FP, None)]),
+        ],
+    );
+    assert!(fired(&a, "token-replay").is_empty());
+    // Bound by the rules: even the first use by someone else is a replay.
+    let a = run(
+        &r,
+        "n1",
+        &[req(
+            "/intruder",
+            "10.9.0.1",
+            true,
+            0,
+            vec![cred("0000000000000000000000000000000b", None)],
+        )],
+    );
+    assert_eq!(fired(&a, "token-replay")[0].expected["binding"], "rules");
+}
+
+#[test]
+fn off_path_and_benign_edge() {
+    let r = rules(RULES);
+    let a = run(&r, "n1", &[req("/payments", "10.9.0.2", true, 0, vec![])]);
+    let off = fired(&a, "off-path");
+    assert_eq!(off.len(), 1);
+    assert_eq!(off[0].destination.workload.as_deref(), Some("reports-api"));
+    assert_eq!(off[0].owner.as_ref().unwrap()["team"], "pay-team");
+    assert!(
+        fired(
+            &run(&r, "n1", &[req("/payments", "10.9.0.1", true, 0, vec![])]),
+            "off-path"
+        )
+        .is_empty()
+    );
+    // A workload without edges is not governed.
+    assert!(
+        fired(
+            &run(&r, "n1", &[req("/orders", "10.9.0.2", true, 0, vec![])]),
+            "off-path"
+        )
+        .is_empty()
+    );
+}
+
+#[test]
+fn cleartext_only_without_tls_and_off_loopback() {
+    let r = rules(RULES);
+    assert_eq!(
+        fired(
+            &run(
+                &r,
+                "n1",
+                &[req("/payments", "10.9.0.1", false, 0, vec![cred(FP, None)])]
+            ),
+            "cleartext-credential"
+        )
+        .len(),
+        1
+    );
+    assert!(
+        fired(
+            &run(
+                &r,
+                "n1",
+                &[req("/payments", "10.9.0.1", true, 0, vec![cred(FP, None)])]
+            ),
+            "cleartext-credential"
+        )
+        .is_empty()
+    );
+    assert!(
+        fired(
+            &run(
+                &r,
+                "n1",
+                &[req(
+                    "/payments",
+                    "127.0.0.1",
+                    false,
+                    0,
+                    vec![cred(FP, None)]
+                )]
+            ),
+            "cleartext-credential"
+        )
+        .is_empty()
+    );
+}
+
+fn claims(iat: i64, exp: i64) -> Claims {
+    Claims {
+        iss: Some("https://sts.svc".into()),
+        sub: Some("svc".into()),
+        iat: Some(iat),
+        exp: Some(exp),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn expired_and_long_lived() {
+    let r = rules(RULES);
+    let now = (NOW / 1_000_000_000) as i64;
+    let a = run(
+        &r,
+        "n1",
+        &[req(
+            "/payments",
+            "10.9.0.1",
+            true,
+            0,
+            vec![cred(FP, Some(claims(now - 7200, now - 3600)))],
+        )],
+    );
+    assert_eq!(fired(&a, "expired-token").len(), 1);
+    assert!(fired(&a, "long-lived-token").is_empty());
+    let a = run(
+        &r,
+        "n1",
+        &[req(
+            "/payments",
+            "10.9.0.1",
+            true,
+            0,
+            vec![cred(FP, Some(claims(now, now + 30 * 86400)))],
+        )],
+    );
+    assert_eq!(fired(&a, "long-lived-token").len(), 1);
+    assert!(fired(&a, "expired-token").is_empty());
+    let a = run(
+        &r,
+        "n1",
+        &[req(
+            "/payments",
+            "10.9.0.1",
+            true,
+            0,
+            vec![cred(FP, Some(claims(now, now + 3600)))],
+        )],
+    );
+    assert!(fired(&a, "long-lived-token").is_empty() && fired(&a, "expired-token").is_empty());
+}
+
+#[test]
+fn shared_and_concurrent() {
+    let r = rules(RULES);
+    let reqs: Vec<_> = ["/payments", "/orders", "/intruder"]
+        .iter()
+        .enumerate()
+        .map(|(i, c)| req(c, "10.9.0.1", true, i as u64 * 3600, vec![cred(FP, None)]))
+        .collect();
+    let a = run(&r, "n1", &reqs);
+    assert_eq!(
+        fired(&a, "shared-credential").len(),
+        1,
+        "third workload crosses max 2"
+    );
+    assert!(
+        fired(&a, "concurrent-use").is_empty(),
+        "an hour apart is not concurrent"
+    );
+    let a = run(
+        &r,
+        "n1",
+        &[
+            req("/payments", "10.9.0.1", true, 0, vec![cred(FP, None)]),
+            req("/orders", "10.9.0.1", true, 2, vec![cred(FP, None)]),
+        ],
+    );
+    assert_eq!(fired(&a, "concurrent-use").len(), 1);
+    assert!(fired(&a, "shared-credential").is_empty());
+}
+
+#[test]
+fn human_identity_and_honeytoken() {
+    let r = rules(RULES);
+    let mut c = claims(0, i64::MAX / 4);
+    c.iss = Some("https://idp.example.com/realms/staff".into());
+    assert_eq!(
+        fired(
+            &run(
+                &r,
+                "n1",
+                &[req(
+                    "/payments",
+                    "10.9.0.1",
+                    true,
+                    0,
+                    vec![cred(FP, Some(c))]
+                )]
+            ),
+            "human-identity"
+        )
+        .len(),
+        1
+    );
+    assert!(
+        fired(
+            &run(
+                &r,
+                "n1",
+                &[req(
+                    "/payments",
+                    "10.9.0.1",
+                    true,
+                    0,
+                    vec![cred(FP, Some(claims(0, i64::MAX / 4)))]
+                )]
+            ),
+            "human-identity"
+        )
+        .is_empty()
+    );
+    let h = fired(
+        &run(
+            &r,
+            "n1",
+            &[req(
+                "/orders",
+                "10.9.0.1",
+                true,
+                0,
+                vec![cred("00000000000000000000000000000bad", None)],
+            )],
+        ),
+        "honeytoken",
+    );
+    assert_eq!((h.len(), h[0].severity), (1, Severity::Critical));
+}
+
+#[test]
+fn bound_token_mismatch_by_node_and_service_account() {
+    let r = rules(RULES);
+    let mut c = claims(0, i64::MAX / 4);
+    c.kubernetes = Some(KubernetesClaims {
+        namespace: Some("shop".into()),
+        serviceaccount: Some("payments".into()),
+        node: Some("node-b".into()),
+        ..Default::default()
+    });
+    let a = run(
+        &r,
+        "node-a",
+        &[req(
+            "/payments",
+            "10.9.0.1",
+            true,
+            0,
+            vec![cred(FP, Some(c.clone()))],
+        )],
+    );
+    assert_eq!(
+        fired(&a, "bound-token-mismatch").len(),
+        1,
+        "token bound to node-b used on node-a"
+    );
+    assert!(
+        fired(
+            &run(
+                &r,
+                "node-b",
+                &[req(
+                    "/payments",
+                    "10.9.0.1",
+                    true,
+                    0,
+                    vec![cred(FP, Some(c.clone()))]
+                )]
+            ),
+            "bound-token-mismatch"
+        )
+        .is_empty()
+    );
+    c.kubernetes.as_mut().unwrap().serviceaccount = Some("reports".into());
+    let a = run(
+        &r,
+        "node-b",
+        &[req(
+            "/payments",
+            "10.9.0.1",
+            true,
+            0,
+            vec![cred(FP, Some(c))],
+        )],
+    );
+    assert!(
+        fired(&a, "bound-token-mismatch")[0]
+            .summary
+            .contains("serviceaccount reports ≠ payments")
+    );
+}
+
+#[test]
+fn repeats_are_one_alert_with_a_count() {
+    let r = rules(RULES);
+    let mut d = Detector::new(r, "n1", None, None);
+    let mut out = Vec::new();
+    d.observe(
+        &req("/payments", "10.9.0.1", true, 0, vec![cred(FP, None)]),
+        &mut out,
+    );
+    for i in 1..=5 {
+        d.observe(
+            &req("/intruder", "10.9.0.1", true, 100 + i, vec![cred(FP, None)]),
+            &mut out,
+        );
+    }
+    assert_eq!(fired(&out, "token-replay").len(), 1);
+    let mut later = Vec::new();
+    d.flush(NOW + 3600 * 1_000_000_000, &mut later);
+    let upd = fired(&later, "token-replay");
+    assert_eq!(upd.len(), 1);
+    assert_eq!(upd[0].count, 5);
+    assert_eq!(upd[0].id, fired(&out, "token-replay")[0].id);
+}
+
+#[test]
+fn learn_mode_binds_without_reuse_alerts() {
+    let r = rules(RULES);
+    let mut d = Detector::new(r, "n1", Some(crate::rules::Mode::Learn), None);
+    let mut out = Vec::new();
+    d.observe(
+        &req("/payments", "10.9.0.1", true, 0, vec![cred(FP, None)]),
+        &mut out,
+    );
+    d.observe(
+        &req("/intruder", "10.9.0.2", true, 5, vec![cred(FP, None)]),
+        &mut out,
+    );
+    assert!(
+        out.iter().all(|a| !matches!(
+            a.rule.as_str(),
+            "token-replay" | "off-path" | "concurrent-use"
+        )),
+        "{out:#?}"
+    );
+    assert_eq!(d.state().creds.peek(FP).unwrap().first_workload, "payments");
+}
+
+#[test]
+fn server_side_of_a_client_side_request_is_not_a_second_use() {
+    let r = rules(RULES);
+    let c = req("/payments", "10.9.0.1", true, 0, vec![cred(FP, None)]);
+    let mut s = c.clone();
+    s.side = "server";
+    s.comm = "nginx".into();
+    let a = run(&r, "n1", &[c, s]);
+    assert!(fired(&a, "token-replay").is_empty(), "{a:#?}");
+}
+
+struct FakeShared(std::sync::Mutex<Vec<(String, String)>>);
+
+impl SharedBindings for FakeShared {
+    fn get(&self, fp: &str) -> Option<RemoteBinding> {
+        (fp == FP).then(|| RemoteBinding {
+            workload: "payments".into(),
+            node: "node-1".into(),
+            first_seen_ns: NOW - 1,
+        })
+    }
+    fn publish(&self, fp: &str, workload: &str, _node: &str, _t: u64) {
+        self.0.lock().unwrap().push((fp.into(), workload.into()));
+    }
+}
+
+#[test]
+fn replay_across_nodes_through_shared_bindings() {
+    let r = rules(RULES);
+    let shared = Arc::new(FakeShared(Default::default()));
+    let mut d = Detector::new(r, "node-2", None, None).with_shared(shared.clone());
+    let mut out = Vec::new();
+    d.observe(
+        &req("/intruder", "10.9.0.1", true, 0, vec![cred(FP, None)]),
+        &mut out,
+    );
+    let rep = fired(&out, "token-replay");
+    assert_eq!(rep.len(), 1, "{out:#?}");
+    assert!(rep[0].summary.contains("first seen on node-1"));
+    // A credential new everywhere is published for the other nodes.
+    d.observe(
+        &req(
+            "/orders",
+            "10.9.0.1",
+            true,
+            1,
+            vec![cred("ffffffffffffffffffffffffffffffff", None)],
+        ),
+        &mut out,
+    );
+    assert_eq!(
+        shared.0.lock().unwrap().as_slice(),
+        &[(
+            "ffffffffffffffffffffffffffffffff".to_string(),
+            "orders".to_string()
+        )]
+    );
+}
