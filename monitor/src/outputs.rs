@@ -45,6 +45,10 @@ pub struct DetectArgs {
     /// Bindings and open alerts are restored from and saved to this file (fingerprints only).
     #[arg(long, value_name = "PATH")]
     pub state_file: Option<PathBuf>,
+    /// With `--mode learn`: write the rules in force plus the workloads, destinations, edges
+    /// and credential bindings seen to this file on exit, for review.
+    #[arg(long, value_name = "FILE")]
+    pub learn_out: Option<PathBuf>,
 }
 
 pub fn load_rules(path: Option<&std::path::Path>) -> Result<Arc<Rules>> {
@@ -150,6 +154,21 @@ impl Outputs {
         self.write(&mut Vec::new());
         if let Some(p) = &self.args.state_file {
             self.detector.save_state(p)?;
+        }
+        if let Some(p) = &self.args.learn_out {
+            let yaml = serde_yaml_ng::to_string(&self.detector.learnt_rules())?;
+            let header = format!(
+                "# Learnt by `monitor` ({} mode) from the traffic it saw: review before committing.\n\
+                 # Workload names were derived from cgroups or executables; rename them freely.\n",
+                if self.args.mode == Some(Mode::Learn) {
+                    "learn"
+                } else {
+                    "enforce"
+                }
+            );
+            std::fs::write(p, header + &yaml)
+                .with_context(|| format!("writing {}", p.display()))?;
+            info!(path = %p.display(), "learnt rules written");
         }
         Ok(())
     }

@@ -165,6 +165,9 @@ fn drain(rb: &mut RingBuf<MapData>, ctx: &mut Ctx, recs: &mut Vec<RequestRecord>
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
+    // Rules first: broken rules stop the daemon before anything is attached.
+    let node = args.node.clone().unwrap_or_else(identity::hostname);
+    let mut outputs = crate::outputs::Outputs::new(&args.detect, &node)?;
     probe::check_privileges()?;
     let fp = Fingerprinter::load_or_create(&args.key_file)?;
     let mut probes = Probes::load(args.probes, !args.no_plaintext, !args.cgroups.is_empty())?;
@@ -188,7 +191,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         pipe: Pipeline::new(fp),
         identity: Identity::new(),
         boot_offset: pipeline::boot_offset_ns(),
-        node: args.node.clone().unwrap_or_else(identity::hostname),
+        node,
         recorder: args.record.as_deref().map(Recorder::create).transpose()?,
         decode_errors: 0,
     };
@@ -199,7 +202,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut drain_tick = tokio::time::interval(Duration::from_millis(5));
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rescan = tokio::time::interval(Duration::from_secs(args.rescan_secs.max(1)));
-    let mut outputs = crate::outputs::Outputs::new(&args.detect, &ctx.node)?;
     let mut sighup = signal(SignalKind::hangup())?;
     let mut recs = Vec::new();
     let mut latency = Latency::default();

@@ -382,3 +382,37 @@ fn bound_token_mismatch_fires_for_a_token_bound_to_another_node() {
     );
     assert_silent(&out, "bound-token-mismatch", &fp_b);
 }
+
+#[test]
+fn sighup_keeps_the_rules_in_force_when_new_ones_are_broken() {
+    let _g = serial();
+    let s = Shop::new("");
+    let m = s.monitor();
+    let rules = s.rules.path().join("shop.yaml");
+    let good = std::fs::read_to_string(&rules).unwrap();
+    std::fs::write(&rules, "edges:\n  - { from: nobody, to: nowhere }\n").unwrap();
+    m.signal(libc::SIGHUP);
+    m.wait_stderr("keeping the rules in force", 1);
+    let t = token();
+    // The old graph still governs payments.
+    s.curl(&s.payments, "https://server.test/admin/kept", &t);
+    // Valid rules without edges: payments is no longer governed.
+    let no_edges = good.split("edges:").next().unwrap().to_string();
+    std::fs::write(&rules, no_edges).unwrap();
+    m.signal(libc::SIGHUP);
+    m.wait_stderr("rules reloaded", 1);
+    s.curl(&s.payments, "https://server.test/admin/after", &t);
+    let out = m.stop();
+    assert!(
+        out.stderr.contains("shop.yaml:2:"),
+        "the broken file's errors are reported:\n{}",
+        out.stderr
+    );
+    let off: Vec<_> = out
+        .records
+        .iter()
+        .filter(|a| a["rule"] == "off-path")
+        .map(|a| a["destination"]["path"].clone())
+        .collect();
+    assert_eq!(off, vec![json!("/admin/kept")], "{:#?}", out.records);
+}

@@ -4,6 +4,7 @@
 
 pub mod graph;
 pub mod hygiene;
+pub mod learn;
 pub mod replay;
 pub mod state;
 pub mod workload;
@@ -80,6 +81,9 @@ pub struct Detector {
     shared: Option<Arc<dyn SharedBindings>>,
     /// Client-side flows seen recently: the server side of the same request is not a second use.
     client_flows: lru::LruCache<(std::net::SocketAddr, std::net::SocketAddr), u64>,
+    /// Kind of each credential seen (for naming learnt bindings).
+    kinds: lru::LruCache<String, &'static str>,
+    graph: learn::Graph,
     pub stats: DetectStats,
 }
 
@@ -160,6 +164,8 @@ impl Detector {
             state: state.unwrap_or_else(|| State::new(cap)),
             shared: None,
             client_flows: lru::LruCache::new(std::num::NonZeroUsize::new(65536).expect("non-zero")),
+            kinds: lru::LruCache::new(std::num::NonZeroUsize::new(cap.max(1)).expect("non-zero")),
+            graph: learn::Graph::default(),
             stats: DetectStats::default(),
         }
     }
@@ -237,6 +243,9 @@ impl Detector {
             destination: workload::destination(&rules, rec),
             node: &self.node.clone(),
         };
+        if self.mode == Mode::Learn {
+            self.graph.observe(&obs);
+        }
         let mut findings = Vec::new();
         graph::off_path(&rules, &obs, &mut findings);
         // Name the credential the off-path call carried, if it carried one.
@@ -245,6 +254,7 @@ impl Detector {
             let mut findings = Vec::new();
             let cr = Self::credential_rule(&rules, c);
             hygiene::check(&rules, cr, &obs, c, &mut findings);
+            self.kinds.put(c.fingerprint.clone(), c.kind);
             replay::check(self, cr, &obs, c, &mut findings);
             self.emit(&obs, Some(c), findings, out);
         }
@@ -406,6 +416,23 @@ impl Detector {
                 out.push(o.alert.clone());
             }
         }
+    }
+
+    /// The rules in force extended with the graph and bindings learnt (learn mode).
+    pub fn learnt_rules(&self) -> crate::rules::RulesFile {
+        let bindings: Vec<(String, String, &'static str)> = self
+            .state
+            .creds
+            .iter()
+            .map(|(fp, st)| {
+                (
+                    fp.clone(),
+                    st.first_workload.clone(),
+                    self.kinds.peek(fp).copied().unwrap_or("credential"),
+                )
+            })
+            .collect();
+        self.graph.to_rules(&self.rules.source, &bindings)
     }
 
     pub fn save_state(&self, path: &std::path::Path) -> anyhow::Result<()> {

@@ -521,3 +521,59 @@ fn replay_across_nodes_through_shared_bindings() {
         )]
     );
 }
+
+#[test]
+fn learnt_rules_round_trip_into_enforce() {
+    // Learn: payments calls orders-ish destinations with its token; no reuse alerts.
+    let empty = Arc::new(Rules::default());
+    let mut d = Detector::new(empty, "n1", Some(crate::rules::Mode::Learn), None);
+    let mut out = Vec::new();
+    d.observe(
+        &req("/shop/payments", "10.9.0.1", true, 0, vec![cred(FP, None)]),
+        &mut out,
+    );
+    d.observe(
+        &req("/shop/payments", "10.9.0.1", true, 1, vec![cred(FP, None)]),
+        &mut out,
+    );
+    let learnt = d.learnt_rules();
+    let yaml = serde_yaml_ng::to_string(&learnt).unwrap();
+    // What a person reviews is valid rules.
+    let f = std::path::PathBuf::from("learnt.yaml");
+    let parsed = check::parse(&f, &yaml).unwrap();
+    let rules = Arc::new(
+        check::compile(vec![(f, yaml.clone(), parsed)]).unwrap_or_else(|e| panic!("{e:?}\n{yaml}")),
+    );
+    assert_eq!(rules.workloads[0].name, "payments", "{yaml}");
+    assert_eq!(rules.credentials[0].bound_to.as_deref(), Some("payments"));
+    assert_eq!(rules.edges[0].paths, vec!["/api/".to_string()]);
+    // Enforce on it: the same traffic is quiet; a replay and a new destination are not.
+    let quiet = run(
+        &rules,
+        "n1",
+        &[req(
+            "/shop/payments",
+            "10.9.0.1",
+            true,
+            0,
+            vec![cred(FP, None)],
+        )],
+    );
+    assert!(quiet.is_empty(), "{quiet:#?}");
+    let loud = run(
+        &rules,
+        "n1",
+        &[
+            req("/shop/intruder", "10.9.0.1", true, 0, vec![cred(FP, None)]),
+            req(
+                "/shop/payments",
+                "10.9.0.7",
+                true,
+                100,
+                vec![cred(FP, None)],
+            ),
+        ],
+    );
+    assert_eq!(fired(&loud, "token-replay").len(), 1, "{loud:#?}");
+    assert_eq!(fired(&loud, "off-path").len(), 1, "{loud:#?}");
+}

@@ -96,6 +96,23 @@ impl Monitor {
         m
     }
 
+    pub fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.child.as_ref().unwrap().id() as i32, sig) };
+    }
+
+    /// Waits until `text` appears in the monitor's stderr for the `n`-th time.
+    pub fn wait_stderr(&self, text: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let err = fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default();
+            if err.matches(text).count() >= n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "`{text}` not logged:\n{err}");
+            sleep(Duration::from_millis(50));
+        }
+    }
+
     /// HMAC-SHA256 under the monitor's key, as the monitor prints fingerprints.
     pub fn fingerprint(&self, secret: &str) -> String {
         let key = hex::decode(fs::read_to_string(&self.key_file).unwrap().trim()).unwrap();
