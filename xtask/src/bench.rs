@@ -21,6 +21,36 @@ pub enum Bench {
     Overhead(OverheadArgs),
     /// Fixed request rates (plaintext and TLS): events lost and event-to-record latency.
     Load(LoadArgs),
+    /// Userspace pipeline on a synthetic event log: requests/s on one core, peak RSS.
+    Pipeline(PipelineArgs),
+}
+
+#[derive(Args)]
+pub struct PipelineArgs {
+    /// Requests in the generated log.
+    #[arg(long, default_value_t = 1_000_000)]
+    requests: usize,
+    /// Distinct connections they are spread over.
+    #[arg(long, default_value_t = 1000)]
+    connections: usize,
+}
+
+pub fn pipeline(a: PipelineArgs) -> Result<()> {
+    crate::run(
+        crate::cargo()
+            .args([
+                "bench",
+                "-p",
+                "monitor",
+                "--bench",
+                "pipeline",
+                "--",
+                "--requests",
+            ])
+            .arg(a.requests.to_string())
+            .arg("--connections")
+            .arg(a.connections.to_string()),
+    )
 }
 
 #[derive(Args)]

@@ -184,6 +184,7 @@ fn main() -> Result<()> {
             }
             run(Command::new(bin).args(args))
         }
+        Task::Bench(bench::Bench::Pipeline(a)) => bench::pipeline(a),
         Task::Bench(b) => {
             if !is_root() {
                 bail!("benchmarks attach eBPF programs: run as root");
@@ -192,6 +193,7 @@ fn main() -> Result<()> {
             match b {
                 bench::Bench::Overhead(a) => bench::overhead(a),
                 bench::Bench::Load(a) => bench::load(a),
+                bench::Bench::Pipeline(a) => bench::pipeline(a),
             }
         }
         Task::Clickhouse(c) => clickhouse::main(c),
