@@ -520,52 +520,27 @@ unsafe fn on_recv_exit(ctx: &TracePointContext) -> Option<()> {
     Some(())
 }
 
-#[tracepoint]
-pub fn sys_enter_write(ctx: TracePointContext) -> u32 {
-    unsafe { on_send(&ctx, SHAPE_BUF) };
-    0
+/// One program per syscall tracepoint (a program attaches to one event), each a call into
+/// the shared handler with the shape of the syscall's buffer argument.
+macro_rules! syscall_programs {
+    ($($name:ident => $handler:ident($shape:expr);)*) => {$(
+        #[tracepoint]
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            unsafe { $handler(&ctx, $shape) };
+            0
+        }
+    )*};
 }
 
-#[tracepoint]
-pub fn sys_enter_sendto(ctx: TracePointContext) -> u32 {
-    unsafe { on_send(&ctx, SHAPE_BUF) };
-    0
-}
-
-#[tracepoint]
-pub fn sys_enter_writev(ctx: TracePointContext) -> u32 {
-    unsafe { on_send(&ctx, SHAPE_IOV) };
-    0
-}
-
-#[tracepoint]
-pub fn sys_enter_sendmsg(ctx: TracePointContext) -> u32 {
-    unsafe { on_send(&ctx, SHAPE_MSG) };
-    0
-}
-
-#[tracepoint]
-pub fn sys_enter_read(ctx: TracePointContext) -> u32 {
-    unsafe { on_recv_enter(&ctx, SHAPE_BUF) };
-    0
-}
-
-#[tracepoint]
-pub fn sys_enter_recvfrom(ctx: TracePointContext) -> u32 {
-    unsafe { on_recv_enter(&ctx, SHAPE_BUF) };
-    0
-}
-
-#[tracepoint]
-pub fn sys_enter_readv(ctx: TracePointContext) -> u32 {
-    unsafe { on_recv_enter(&ctx, SHAPE_IOV) };
-    0
-}
-
-#[tracepoint]
-pub fn sys_enter_recvmsg(ctx: TracePointContext) -> u32 {
-    unsafe { on_recv_enter(&ctx, SHAPE_MSG) };
-    0
+syscall_programs! {
+    sys_enter_write => on_send(SHAPE_BUF);
+    sys_enter_sendto => on_send(SHAPE_BUF);
+    sys_enter_writev => on_send(SHAPE_IOV);
+    sys_enter_sendmsg => on_send(SHAPE_MSG);
+    sys_enter_read => on_recv_enter(SHAPE_BUF);
+    sys_enter_recvfrom => on_recv_enter(SHAPE_BUF);
+    sys_enter_readv => on_recv_enter(SHAPE_IOV);
+    sys_enter_recvmsg => on_recv_enter(SHAPE_MSG);
 }
 
 /// Attached to the exit of read, recvfrom, readv and recvmsg.

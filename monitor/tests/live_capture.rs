@@ -260,14 +260,10 @@ fn headers_split_over_two_writes_are_reported_whole() {
 
 /// A JWT-shaped token of about `size` bytes (header.payload.signature, base64url).
 fn big_jwt(size: usize) -> String {
-    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
-    let header = B64.encode(br#"{"alg":"RS256","typ":"JWT","kid":"k1"}"#);
     let pad = "x".repeat(size.saturating_sub(600) * 3 / 4);
-    let payload = B64.encode(format!(
-        r#"{{"iss":"https://issuer.test","sub":"svc-payments","exp":4102444800,"pad":"{pad}"}}"#
-    ));
-    let sig = B64.encode(random_hex(256).as_bytes());
-    format!("{header}.{payload}.{sig}")
+    jwt(
+        json!({"iss": "https://issuer.test", "sub": "svc-payments", "exp": 4102444800u64, "pad": pad}),
+    )
 }
 
 #[test]

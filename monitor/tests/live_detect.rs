@@ -4,7 +4,6 @@
 
 mod common;
 
-use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
 use common::*;
 use serde_json::{Value, json};
 
@@ -127,16 +126,6 @@ human_identities:
 
 fn token() -> String {
     format!("tok-{}", random_hex(20))
-}
-
-/// An unsigned JWT with the given payload (the monitor never verifies signatures).
-fn jwt(payload: Value) -> String {
-    let h = B64.encode(br#"{"alg":"RS256","typ":"JWT"}"#);
-    format!(
-        "{h}.{}.{}",
-        B64.encode(payload.to_string()),
-        B64.encode(random_hex(32))
-    )
 }
 
 fn now() -> i64 {

@@ -25,6 +25,17 @@ pub fn serial() -> MutexGuard<'static, ()> {
 
 pub use testbed::*;
 
+/// An unsigned JWT with the given payload (the monitor never verifies signatures).
+pub fn jwt(payload: Value) -> String {
+    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
+    let h = B64.encode(br#"{"alg":"RS256","typ":"JWT","kid":"k1"}"#);
+    format!(
+        "{h}.{}.{}",
+        B64.encode(payload.to_string()),
+        B64.encode(random_hex(256))
+    )
+}
+
 /// A running `monitor run`, its outputs going to files in its own directory.
 pub struct Monitor {
     child: Option<Child>,
