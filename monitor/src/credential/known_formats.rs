@@ -42,6 +42,9 @@ const FORMATS: &[Format] = &[
     Format { prefix: b"ASIA", kind: "aws-access-key", body: upper, min: 16, exact: 16 },
 ];
 
+/// The shortest token of any format (a Slack prefix and 10 bytes).
+const MIN_TOKEN: usize = 15;
+
 /// Tokens looked for in one value: a header stuffed with tokens is not worth more.
 const MAX_FOUND: usize = 4;
 
@@ -65,6 +68,10 @@ fn body_len(f: &Format, rest: &[u8]) -> Option<usize> {
 /// Finds formatted tokens anywhere in `value`: `(kind, token)`, at most [`MAX_FOUND`].
 pub fn find(value: &[u8]) -> Vec<(&'static str, &[u8])> {
     let mut out = Vec::new();
+    // Most header values (Accept, Host, Content-Length) are shorter than any token.
+    if value.len() < MIN_TOKEN {
+        return out;
+    }
     let mut i = 0;
     while i < value.len() && out.len() < MAX_FOUND {
         // A token starts at a boundary: not inside a longer word.
@@ -113,6 +120,16 @@ mod tests {
             let v = format!("x {token}; y");
             assert_eq!(find(v.as_bytes()), [(kind, token.as_bytes())]);
         }
+    }
+
+    #[test]
+    fn shortest_token_is_min_token() {
+        let shortest = FORMATS
+            .iter()
+            .map(|f| f.prefix.len() + f.min)
+            .min()
+            .unwrap();
+        assert_eq!(shortest, MIN_TOKEN);
     }
 
     #[test]

@@ -1,69 +1,118 @@
-//! HPACK's canonical Huffman code (RFC 7541 Appendix B), decoded bit by bit over a tree built
-//! once. Strict about padding: more than 7 bits, padding that is not the EOS prefix, or an EOS
-//! symbol in the data are errors, as the RFC requires.
+//! HPACK's canonical Huffman code (RFC 7541 Appendix B), decoded four bits at a time with a
+//! table built once from the code tree. Strict about padding: more than 7 bits, padding that
+//! is not the EOS prefix, or an EOS symbol in the data are errors, as the RFC requires.
 
 use std::sync::OnceLock;
 
 /// A child pointer with this bit set is a leaf holding the symbol in its low bits.
 const LEAF: u16 = 0x8000;
+const NO_SYMBOL: u16 = u16::MAX;
 
-/// Internal nodes; node 0 is the root, `0` as a child means "no such code".
-fn tree() -> &'static [[u16; 2]] {
-    static TREE: OnceLock<Vec<[u16; 2]>> = OnceLock::new();
-    TREE.get_or_init(|| {
-        let mut nodes: Vec<[u16; 2]> = vec![[0, 0]];
-        for (sym, &(code, len)) in CODES.iter().enumerate() {
-            let mut at = 0usize;
-            for i in (0..len).rev() {
-                let bit = ((code >> i) & 1) as usize;
-                if i == 0 {
-                    nodes[at][bit] = LEAF | sym as u16;
-                } else {
-                    if nodes[at][bit] == 0 {
-                        nodes.push([0, 0]);
-                        nodes[at][bit] = (nodes.len() - 1) as u16;
-                    }
-                    at = nodes[at][bit] as usize;
+/// What four bits do from one tree node.
+#[derive(Clone, Copy)]
+struct Step {
+    next: u8,
+    /// The symbol completed on the way, or [`NO_SYMBOL`] (codes are at least 5 bits long, so
+    /// four bits complete at most one).
+    symbol: u16,
+    fail: bool,
+}
+
+struct Table {
+    steps: Vec<[Step; 16]>,
+    /// Whether ending at a node is valid padding: at most 7 bits, all ones.
+    accepts: Vec<bool>,
+}
+
+/// Internal nodes of the code tree; node 0 is the root, `0` as a child means "no such code".
+fn tree() -> Vec<[u16; 2]> {
+    let mut nodes: Vec<[u16; 2]> = vec![[0, 0]];
+    for (sym, &(code, len)) in CODES.iter().enumerate() {
+        let mut at = 0usize;
+        for i in (0..len).rev() {
+            let bit = ((code >> i) & 1) as usize;
+            if i == 0 {
+                nodes[at][bit] = LEAF | sym as u16;
+            } else {
+                if nodes[at][bit] == 0 {
+                    nodes.push([0, 0]);
+                    nodes[at][bit] = (nodes.len() - 1) as u16;
+                }
+                at = nodes[at][bit] as usize;
+            }
+        }
+    }
+    nodes
+}
+
+fn table() -> &'static Table {
+    static TABLE: OnceLock<Table> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let tree = tree();
+        // 256 internal nodes for 257 leaves: node ids fit a byte.
+        assert!(tree.len() <= 256);
+        let mut depth = vec![0u8; tree.len()];
+        let mut ones = vec![false; tree.len()];
+        ones[0] = true;
+        // Children are created after their parents, so one pass in id order suffices.
+        for n in 0..tree.len() {
+            for (bit, &c) in tree[n].iter().enumerate() {
+                if c != 0 && c & LEAF == 0 {
+                    depth[c as usize] = depth[n] + 1;
+                    ones[c as usize] = ones[n] && bit == 1;
                 }
             }
         }
-        nodes
+        let steps = (0..tree.len())
+            .map(|n| {
+                std::array::from_fn(|nibble| {
+                    let mut at = n;
+                    let mut step = Step {
+                        next: 0,
+                        symbol: NO_SYMBOL,
+                        fail: false,
+                    };
+                    for i in (0..4).rev() {
+                        let c = tree[at][(nibble >> i) & 1];
+                        if c & LEAF != 0 {
+                            let sym = c & !LEAF;
+                            step.fail |= sym == 256 || step.symbol != NO_SYMBOL;
+                            step.symbol = sym;
+                            at = 0;
+                        } else if c == 0 {
+                            step.fail = true;
+                            break;
+                        } else {
+                            at = c as usize;
+                        }
+                    }
+                    step.next = at as u8;
+                    step
+                })
+            })
+            .collect();
+        let accepts = (0..tree.len()).map(|n| ones[n] && depth[n] <= 7).collect();
+        Table { steps, accepts }
     })
 }
 
 /// Decodes `src`, appending to `out`. `Err(())` on any invalid code or padding.
 pub fn decode(src: &[u8], out: &mut Vec<u8>) -> Result<(), ()> {
-    let tree = tree();
+    let t = table();
     let mut at = 0usize;
-    // Bits read since the last symbol, and whether they were all ones (a valid EOS prefix).
-    let mut pending = 0u32;
-    let mut ones = true;
     for &byte in src {
-        for i in (0..8).rev() {
-            let bit = (byte >> i) & 1;
-            let next = tree[at][bit as usize];
-            pending += 1;
-            ones &= bit == 1;
-            if next & LEAF != 0 {
-                let sym = next & !LEAF;
-                if sym == 256 {
-                    return Err(());
-                }
-                out.push(sym as u8);
-                at = 0;
-                pending = 0;
-                ones = true;
-            } else if next == 0 {
+        for nibble in [byte >> 4, byte & 0xf] {
+            let step = t.steps[at][nibble as usize];
+            if step.fail {
                 return Err(());
-            } else {
-                at = next as usize;
             }
+            if step.symbol != NO_SYMBOL {
+                out.push(step.symbol as u8);
+            }
+            at = step.next as usize;
         }
     }
-    if pending > 7 || !ones {
-        return Err(());
-    }
-    Ok(())
+    if t.accepts[at] { Ok(()) } else { Err(()) }
 }
 
 #[rustfmt::skip]
@@ -146,5 +195,32 @@ mod tests {
         assert!(dec(&[0b0001_1111, 0xff]).is_err());
         // EOS (30 ones) inside the data.
         assert!(dec(&[0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+
+    /// Encodes with the code table itself: every symbol, any mix, round-trips.
+    fn encode(src: &[u8]) -> Vec<u8> {
+        let (mut acc, mut bits, mut out) = (0u64, 0u32, Vec::new());
+        for &b in src {
+            let (code, len) = CODES[b as usize];
+            acc = (acc << len) | code as u64;
+            bits += len as u32;
+            while bits >= 8 {
+                bits -= 8;
+                out.push((acc >> bits) as u8);
+            }
+        }
+        if bits > 0 {
+            out.push(((acc << (8 - bits)) | (0xff >> bits)) as u8);
+        }
+        out
+    }
+
+    #[test]
+    fn every_symbol_round_trips() {
+        let all: Vec<u8> = (0..=255).collect();
+        assert_eq!(dec(&encode(&all)).unwrap(), all);
+        for b in 0..=255u8 {
+            assert_eq!(dec(&encode(&[b, b'a', b])).unwrap(), [b, b'a', b]);
+        }
     }
 }
