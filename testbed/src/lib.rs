@@ -172,8 +172,8 @@ pub struct Nginx {
 }
 
 impl Nginx {
-    /// nginx in `lab`'s server namespace and in `cg`: TLS on 443, plaintext on 80, every
-    /// path answering 200, a certificate for `server.test` and `*.shop.test`.
+    /// nginx in `lab`'s server namespace and in `cg`: HTTP/1.1 over TLS on 443 and plaintext on
+    /// 80, HTTP/2 over TLS on 8443 and cleartext (h2c) on 8080, every path answering 200, a certificate for `server.test` and `*.shop.test`.
     pub fn start(lab: &Lab, cg: &Cgroup) -> Nginx {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().display().to_string();
@@ -191,6 +191,10 @@ impl Nginx {
                         ssl_certificate {d}/cert.pem; ssl_certificate_key {d}/key.pem;
                         location / {{ return 200 \"ok\\n\"; }} }}
                server {{ listen {ip}:80; server_name _; location / {{ return 200 \"ok\\n\"; }} }}
+               server {{ listen {ip}:8443 ssl http2; server_name _;
+                        ssl_certificate {d}/cert.pem; ssl_certificate_key {d}/key.pem;
+                        location / {{ return 200 \"ok\\n\"; }} }}
+               server {{ listen {ip}:8080 http2; server_name _; location / {{ return 200 \"ok\\n\"; }} }}
              }}",
             ip = lab.server_ip
         );

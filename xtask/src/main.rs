@@ -59,6 +59,11 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("python3", "python3"),
     ("ldconfig", "libc-bin"),
+    ("redis-server", "redis-server"),
+    ("redis-cli", "redis-tools"),
+    ("pg_ctlcluster", "postgresql"),
+    ("psql", "postgresql-client"),
+    ("runuser", "util-linux"),
 ];
 
 pub(crate) fn root() -> PathBuf {
