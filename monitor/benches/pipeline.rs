@@ -157,7 +157,7 @@ fn generate(n: usize, conns: usize) -> (Vec<Event>, usize) {
     let mut ts = 1u64;
     while i < n {
         let conn = (rng.next() as usize) % conns;
-        let tls = conn % 3 != 0;
+        let tls = !conn.is_multiple_of(3);
         ts += 1000;
         match i % 10 {
             // One request split in the middle of a header over two calls.

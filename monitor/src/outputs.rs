@@ -2,10 +2,10 @@
 //! and alerts (stdout JSON lines, an alerts file).
 
 use std::{
-    fs::{File, OpenOptions},
     io::{BufWriter, Write},
     path::PathBuf,
     sync::Arc,
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
@@ -13,6 +13,7 @@ use clap::{Args, ValueEnum};
 use monitor::{
     alert::Alert,
     detect::{Detector, state::State},
+    notify::{Notifier, NotifyArgs},
     pipeline::RequestRecord,
     rules::{Mode, Rules},
 };
@@ -39,7 +40,7 @@ pub struct DetectArgs {
     /// What goes to stdout as JSON lines.
     #[arg(long, value_enum, default_value_t = Print::All)]
     pub print: Print,
-    /// Also append alerts (JSON lines) to this file.
+    /// Also append alerts (JSON lines, in `--alert-format`) to this file, rotated by size.
     #[arg(long, value_name = "PATH")]
     pub alerts_file: Option<PathBuf>,
     /// Bindings and open alerts are restored from and saved to this file (fingerprints only).
@@ -49,6 +50,8 @@ pub struct DetectArgs {
     /// and credential bindings seen to this file on exit, for review.
     #[arg(long, value_name = "FILE")]
     pub learn_out: Option<PathBuf>,
+    #[command(flatten)]
+    pub notify: NotifyArgs,
 }
 
 pub fn load_rules(path: Option<&std::path::Path>) -> Result<Arc<Rules>> {
@@ -67,7 +70,8 @@ pub struct Outputs {
     pub detector: Detector,
     args: DetectArgs,
     stdout: BufWriter<std::io::Stdout>,
-    alerts_file: Option<BufWriter<File>>,
+    /// Alerts file (rotated) and webhook, in the chosen alert format.
+    notifier: Option<Notifier>,
     alerts: Vec<Alert>,
 }
 
@@ -83,23 +87,12 @@ impl Outputs {
             None => None,
         };
         let detector = Detector::new(rules, node, args.mode, state);
-        let alerts_file = args
-            .alerts_file
-            .as_ref()
-            .map(|p| {
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .map(BufWriter::new)
-                    .with_context(|| format!("opening {}", p.display()))
-            })
-            .transpose()?;
+        let notifier = Notifier::new(&args.notify, args.alerts_file.clone())?;
         Ok(Outputs {
             detector,
             args: args.clone(),
             stdout: BufWriter::new(std::io::stdout()),
-            alerts_file,
+            notifier: Some(notifier),
             alerts: Vec::new(),
         })
     }
@@ -127,18 +120,16 @@ impl Outputs {
                 write_json(&mut self.stdout, &r);
             }
         }
+        let notifier = self.notifier.as_mut().expect("notifier until finish");
         for a in self.alerts.drain(..) {
             if print_alerts {
-                write_json(&mut self.stdout, &a);
+                let _ = self.stdout.write_all(&notifier.render_line(&a));
+                let _ = self.stdout.write_all(b"\n");
             }
-            if let Some(f) = self.alerts_file.as_mut() {
-                write_json(f, &a);
-            }
+            notifier.send(&a);
         }
+        notifier.flush();
         let _ = self.stdout.flush();
-        if let Some(f) = self.alerts_file.as_mut() {
-            let _ = f.flush();
-        }
     }
 
     /// Periodic: close deduplication windows (their final counts are written).
@@ -149,9 +140,14 @@ impl Outputs {
         }
     }
 
-    pub fn finish(&mut self) -> Result<()> {
+    /// Final counts out, webhook drained (up to 5 s), state and learnt rules saved; returns
+    /// the notifier's counters for the exit summary.
+    pub fn finish(&mut self) -> Result<serde_json::Value> {
         self.detector.flush_counts(&mut self.alerts);
         self.write(&mut Vec::new());
+        let notify = self.notifier.take().map_or(serde_json::Value::Null, |n| {
+            n.shutdown(Duration::from_secs(5))
+        });
         if let Some(p) = &self.args.state_file {
             self.detector.save_state(p)?;
         }
@@ -170,7 +166,7 @@ impl Outputs {
                 .with_context(|| format!("writing {}", p.display()))?;
             info!(path = %p.display(), "learnt rules written");
         }
-        Ok(())
+        Ok(notify)
     }
 }
 

@@ -78,11 +78,12 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
         )?),
     };
     out.write(&mut recs);
-    out.finish()?;
+    let notify = out.finish()?;
     let summary = serde_json::json!({
         "malformed_lines": bad,
         "pipeline": pipe.stats,
         "detect": out.detector.stats,
+        "notify": notify,
     });
     info!(summary = %summary, "replay finished");
     Ok(())

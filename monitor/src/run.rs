@@ -251,7 +251,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     } = ctx;
     pipe.flush_all(&mut recs);
     outputs.write(&mut recs);
-    outputs.finish()?;
+    let notify = outputs.finish()?;
     let kernel = probes.stats()?;
     let lost: u64 = kernel.iter().map(|s| s.lost).sum();
     let summary = serde_json::json!({
@@ -261,6 +261,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         "kernel": kernel,
         "pipeline": pipe.stats,
         "detect": outputs.detector.stats,
+        "notify": notify,
     });
     info!(summary = %summary, "monitor stopped");
     if lost > 0 {

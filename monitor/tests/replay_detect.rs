@@ -192,3 +192,65 @@ fn learn_writes_rules_that_enforce_uses() {
     assert_eq!(rule(&r, "token-replay")[0]["expected"]["binding"], "rules");
     assert_eq!(rule(&r, "off-path").len(), 1, "{:#?}", r.alerts);
 }
+
+#[test]
+fn alert_format_and_webhook_are_wired_into_the_cli() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let a = write_log(
+        dir.path(),
+        "a.jsonl",
+        &[request(0, "/shop/payments", "tok-x", "/api/a")],
+    );
+    // A one-shot webhook receiver on loopback.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        // Read until the body (Content-Length) is complete.
+        loop {
+            let n = s.read(&mut chunk).unwrap_or(0);
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf).to_string();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
+                    .unwrap_or(0);
+                if body.len() >= len {
+                    s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                        .unwrap();
+                    return text;
+                }
+            }
+            if n == 0 {
+                return text;
+            }
+        }
+    });
+    let url = format!("http://127.0.0.1:{port}/hook");
+    let r = replay(
+        dir.path(),
+        &a,
+        &["--alert-format", "ocsf", "--webhook", &url],
+    );
+    assert!(r.ok, "{}", r.stderr);
+    let clear = r
+        .alerts
+        .iter()
+        .find(|a| a["finding_info"]["title"] == "cleartext-credential")
+        .expect("OCSF alert on stdout");
+    assert_eq!(clear["class_uid"], 2004);
+    let posted = server.join().unwrap();
+    assert!(posted.starts_with("POST /hook"), "{posted}");
+    assert!(posted.contains("\"class_uid\":2004"), "{posted}");
+    assert!(!posted.contains("tok-x") && !r.stderr.contains("tok-x"));
+}
