@@ -8,12 +8,20 @@ use crate::rules::{
     CredentialMatch, CredentialRule, Destination, Edge, RulesFile, Selector, Workload,
 };
 
+/// A destination as seen: addresses, ports, HTTP hosts.
+#[derive(Debug, Default)]
+struct SeenDestination {
+    ips: BTreeSet<String>,
+    ports: BTreeSet<u16>,
+    hosts: BTreeSet<String>,
+}
+
 /// What learning has seen so far, bounded by the number of distinct workloads and edges.
 #[derive(Debug, Default)]
 pub struct Graph {
     /// Implicit or rules name → selector that recognises it.
     workloads: BTreeMap<String, Selector>,
-    destinations: BTreeMap<String, (BTreeSet<String>, BTreeSet<u16>, BTreeSet<String>)>,
+    destinations: BTreeMap<String, SeenDestination>,
     edges: BTreeMap<(String, String), (BTreeSet<String>, BTreeSet<String>)>,
 }
 
@@ -90,11 +98,12 @@ impl Graph {
             .entry(obs.destination.clone())
             .or_default();
         if let Some(e) = &rec.destination {
-            d.0.insert(e.ip.to_string());
-            d.1.insert(e.port);
+            d.ips.insert(e.ip.to_string());
+            d.ports.insert(e.port);
         }
         if let Some(h) = &rec.host {
-            d.2.insert(h.split(':').next().unwrap_or(h).to_ascii_lowercase());
+            d.hosts
+                .insert(h.split(':').next().unwrap_or(h).to_ascii_lowercase());
         }
         let e = self
             .edges
@@ -149,7 +158,7 @@ impl Graph {
                 identity: None,
             });
         }
-        for (implicit, (ips, ports, hosts)) in &self.destinations {
+        for (implicit, SeenDestination { ips, ports, hosts }) in &self.destinations {
             if known_d.contains(implicit) || known_w.contains(implicit) {
                 continue;
             }
