@@ -125,7 +125,9 @@ pub struct ProbeConfig {
     pub capture_plaintext: u32,
     /// 1: only processes whose cgroup id is in the `CGROUPS` map are looked at.
     pub filter_cgroups: u32,
-    pub _pad: u32,
+    /// 1: data that starts an HTTP/1 response (`HTTP/`), written or read, is not copied:
+    /// credentials travel in requests, and responses are half of what would be sent up.
+    pub skip_responses: u32,
 }
 
 /// Value of the per-thread map that says "this thread is inside an SSL call".
@@ -187,7 +189,9 @@ pub const STAT_LOST: u32 = 2;
 pub const STAT_TRUNCATED: u32 = 3;
 /// bpf_probe_read failures (buffer not readable).
 pub const STAT_READ_ERRORS: u32 = 4;
-pub const STAT_COUNT: u32 = 5;
+/// Writes not copied because they start an HTTP response (`skip_responses`).
+pub const STAT_SKIPPED: u32 = 5;
+pub const STAT_COUNT: u32 = 6;
 
 /// Program ids for the statistics array; names in [`PROG_NAMES`].
 pub const PROG_SSL_WRITE: u32 = 0;
@@ -212,7 +216,7 @@ pub const PROG_NAMES: [&str; PROG_COUNT as usize] = [
 ];
 
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] =
-    ["hits", "events", "lost", "truncated", "read_errors"];
+    ["hits", "events", "lost", "truncated", "read_errors", "skipped"];
 
 #[cfg(feature = "user")]
 mod user {

@@ -246,6 +246,15 @@ unsafe fn emit_chunks(prog: u32, ev: &mut DataEvent, ptr: u64, len: u64, chunks:
         if done == 0 && ev.header.source == SOURCE_SYSCALL && looks_like_tls_record(&ev.data[..n]) {
             return false;
         }
+        // Only responses start with `HTTP/`, in either direction (a server's write, a client's read).
+        if done == 0
+            && unsafe { read_volatile(addr_of!(CONFIG.skip_responses)) } != 0
+            && n >= 5
+            && ev.data[..5] == *b"HTTP/"
+        {
+            stat(prog, STAT_SKIPPED);
+            return false;
+        }
         ev.header.len = n as u32;
         ev.header.offset = base + done as u32;
         output(prog, ev, n);

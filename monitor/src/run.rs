@@ -27,6 +27,10 @@ pub struct RunArgs {
     /// Which TLS probes to attach: `full` sees both sides, `egress` only senders (cheaper).
     #[arg(long, value_enum, default_value_t = ProbeSet::Full)]
     pub probes: ProbeSet,
+    /// Do not send HTTP responses up from the kernel (default with `--probes egress`):
+    /// credentials travel in requests; response status codes are then not reported.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub skip_responses: Option<bool>,
     /// Do not capture plaintext (non-TLS) TCP traffic.
     #[arg(long)]
     pub no_plaintext: bool,
@@ -170,7 +174,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut outputs = crate::outputs::Outputs::new(&args.detect, &node)?;
     probe::check_privileges()?;
     let fp = Fingerprinter::load_or_create(&args.key_file)?;
-    let mut probes = Probes::load(args.probes, !args.no_plaintext, !args.cgroups.is_empty())?;
+    let skip_responses = args
+        .skip_responses
+        .unwrap_or(args.probes == ProbeSet::Egress);
+    let mut probes = Probes::load(
+        args.probes,
+        !args.no_plaintext,
+        !args.cgroups.is_empty(),
+        skip_responses,
+    )?;
     if !args.cgroups.is_empty() {
         let ids = identity::cgroup_ids_under(&args.cgroups);
         if ids.is_empty() {

@@ -411,3 +411,35 @@ fn cgroup_selection_reports_only_the_selected_workload() {
     );
     assert_eq!(out.events_lost(), 0);
 }
+
+#[test]
+fn egress_probe_set_reports_requests_and_keeps_responses_in_the_kernel() {
+    let _g = serial();
+    let s = setup();
+    let mon = Monitor::start(&["--probes", "egress"]);
+    let tok = token();
+    s.curl("https://server.test/egress-tls", &[bearer(&tok)]);
+    s.curl("http://server.test/egress-plain", &[bearer(&tok)]);
+    let fp = mon.fingerprint(&tok);
+    let out = mon.stop();
+    for p in ["/egress-tls", "/egress-plain"] {
+        assert_eq!(
+            one(&out, "client", p)["credentials"][0]["fingerprint"],
+            json!(fp)
+        );
+    }
+    // Responses (nginx SSL_write and writev, curl recvfrom) never left the kernel.
+    assert_eq!(
+        out.summary["pipeline"]["responses"], 0,
+        "{:#?}",
+        out.summary
+    );
+    let skipped: u64 = out.summary["kernel"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["skipped"].as_u64().unwrap())
+        .sum();
+    assert!(skipped >= 3, "{:#?}", out.summary["kernel"]);
+    assert_eq!(out.events_lost(), 0);
+}

@@ -69,6 +69,7 @@ pub struct ProgStats {
     pub lost: u64,
     pub truncated: u64,
     pub read_errors: u64,
+    pub skipped: u64,
 }
 
 fn ensure_tracefs() -> Result<()> {
@@ -88,7 +89,12 @@ fn ensure_tracefs() -> Result<()> {
 }
 
 impl Probes {
-    pub fn load(set: ProbeSet, capture_plaintext: bool, filter_cgroups: bool) -> Result<Self> {
+    pub fn load(
+        set: ProbeSet,
+        capture_plaintext: bool,
+        filter_cgroups: bool,
+        skip_responses: bool,
+    ) -> Result<Self> {
         raise_memlock();
         ensure_tracefs()?;
         let offsets = btf::kernel_offsets()?;
@@ -96,7 +102,7 @@ impl Probes {
             self_tgid: std::process::id(),
             capture_plaintext: capture_plaintext as u32,
             filter_cgroups: filter_cgroups as u32,
-            _pad: 0,
+            skip_responses: skip_responses as u32,
         };
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
@@ -237,6 +243,7 @@ impl Probes {
                 lost: v[STAT_LOST as usize],
                 truncated: v[3],
                 read_errors: v[4],
+                skipped: v[5],
             });
         }
         Ok(out)
