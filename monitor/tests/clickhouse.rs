@@ -177,10 +177,17 @@ async fn schema_created_and_migrated_from_v1() {
 
     // This monitor upgrades it, keeping the row.
     let r = schema::migrate(&c, &cfg).await.unwrap();
-    assert_eq!((r.from, r.to, r.applied.clone()), (1, schema::LATEST, vec![2]));
+    assert_eq!(
+        (r.from, r.to, r.applied.clone()),
+        (1, schema::LATEST, vec![2])
+    );
     assert_eq!(scalar(&c, has_side).await, 1);
     assert_eq!(
-        scalar(&c, "SELECT count() FROM mig.flows WHERE path = '/v1-row' AND side = ''").await,
+        scalar(
+            &c,
+            "SELECT count() FROM mig.flows WHERE path = '/v1-row' AND side = ''"
+        )
+        .await,
         1
     );
     // Idempotent.
@@ -219,7 +226,9 @@ async fn schema_created_and_migrated_from_v1() {
     };
     schema::migrate(&c, &short).await.unwrap();
     let engine: String = c
-        .query_raw("SELECT engine_full FROM system.tables WHERE database = 'mig' AND name = 'flows'")
+        .query_raw(
+            "SELECT engine_full FROM system.tables WHERE database = 'mig' AND name = 'flows'",
+        )
         .fetch_one()
         .await
         .unwrap();
@@ -233,7 +242,11 @@ async fn schema_created_and_migrated_from_v1() {
     sink.record(&plain(1, now_ns()), "n1", "new");
     sink.shutdown().await.unwrap();
     assert_eq!(
-        scalar(&c, "SELECT count() FROM mig.flows WHERE source_workload = 'new' AND side = 'client'").await,
+        scalar(
+            &c,
+            "SELECT count() FROM mig.flows WHERE source_workload = 'new' AND side = 'client'"
+        )
+        .await,
         1
     );
 }
@@ -256,7 +269,9 @@ async fn hundred_thousand_rows_written_and_read_back() {
         r.credentials = creds.clone();
         sink.record(&r, "node-1", "bulk");
     }
+    let offered = t.elapsed().as_secs_f64();
     sink.flush().await.unwrap();
+    eprintln!("offered in {offered:.2}s");
     let secs = t.elapsed().as_secs_f64();
     let s = sink.stats();
     eprintln!(
@@ -272,7 +287,10 @@ async fn hundred_thousand_rows_written_and_read_back() {
         N,
         "flows"
     );
-    assert_eq!(scalar(&c, "SELECT uniqExact(path) FROM bulk.flows").await, N);
+    assert_eq!(
+        scalar(&c, "SELECT uniqExact(path) FROM bulk.flows").await,
+        N
+    );
     assert_eq!(
         scalar(
             &c,
@@ -349,10 +367,16 @@ async fn server_killed_mid_stream_every_row_once() {
     let s = sink.stats();
     eprintln!("after {:.1}s: {s:?}", t.elapsed().as_secs_f64());
     assert_eq!(scalar(&c, "SELECT count() FROM outage.flows").await, N);
-    assert_eq!(scalar(&c, "SELECT uniqExact(path) FROM outage.flows").await, N);
+    assert_eq!(
+        scalar(&c, "SELECT uniqExact(path) FROM outage.flows").await,
+        N
+    );
     assert_eq!(s.dropped, 0);
     assert_eq!(s.shed_rows, 0);
-    assert!(s.errors > 0 && s.spooled_batches > 0 && s.batches_from_spool > 0, "{s:?}");
+    assert!(
+        s.errors > 0 && s.spooled_batches > 0 && s.batches_from_spool > 0,
+        "{s:?}"
+    );
     assert_eq!((s.spool_batches, s.spool_rows), (0, 0));
     assert!(std::fs::read_dir(spool.path()).unwrap().next().is_none());
     sink.shutdown().await.unwrap();
@@ -398,7 +422,10 @@ async fn spool_sent_twice_is_deduplicated() {
     let s = sink.stats();
     assert!(s.batches_from_spool >= 3, "{s:?}");
     assert_eq!(scalar(&c, "SELECT count() FROM dedup.flows").await, N);
-    assert_eq!(scalar(&c, "SELECT uniqExact(path) FROM dedup.flows").await, N);
+    assert_eq!(
+        scalar(&c, "SELECT uniqExact(path) FROM dedup.flows").await,
+        N
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -426,7 +453,11 @@ async fn spool_full_sheds_are_counted() {
     assert_eq!(s.dropped, 0);
     assert!(s.shed_batches > 0 && s.shed_rows > 0, "{s:?}");
     assert!(s.spool_bytes <= MAX, "{s:?}");
-    assert_eq!(s.shed_rows + s.spool_rows, N, "every row is spooled or counted as shed");
+    assert_eq!(
+        s.shed_rows + s.spool_rows,
+        N,
+        "every row is spooled or counted as shed"
+    );
     let on_disk: u64 = std::fs::read_dir(spool.path())
         .unwrap()
         .map(|e| e.unwrap().metadata().unwrap().len())
@@ -439,7 +470,10 @@ async fn spool_full_sheds_are_counted() {
         scalar(&c, "SELECT count() FROM full.flows").await,
         N - s.shed_rows
     );
-    assert_eq!(scalar(&c, "SELECT uniqExact(path) FROM full.flows").await, N - s.shed_rows);
+    assert_eq!(
+        scalar(&c, "SELECT uniqExact(path) FROM full.flows").await,
+        N - s.shed_rows
+    );
     sink.shutdown().await.unwrap();
 }
 
@@ -503,10 +537,9 @@ async fn bindings_shared_across_nodes() {
 
 /// docs/queries.sql, by name.
 fn analyst_queries() -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/queries.sql"),
-    )
-    .unwrap();
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/queries.sql"))
+            .unwrap();
     let mut out: Vec<(String, String)> = Vec::new();
     for line in text.lines() {
         if let Some(name) = line.strip_prefix("-- name:") {
@@ -600,10 +633,11 @@ async fn analyst_queries_answer() {
     let (fa, fb) = (a[0].fingerprint.clone(), b[0].fingerprint.clone());
     let kind = a[0].kind;
     let base = (now_ns() / 1_000_000_000 - 3600) * 1_000_000_000;
-    let since = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_nanos(base - 1_000_000_000))
-        .to_string()
-        .replace('T', " ")
-        .replace('Z', "");
+    let since =
+        humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_nanos(base - 1_000_000_000))
+            .to_string()
+            .replace('T', " ")
+            .replace('Z', "");
     let req = |i: u64, dst, host, tls, method, creds: &Vec<Credential>| {
         record(Req {
             time: base + i * 1_000_000_000,
@@ -616,19 +650,37 @@ async fn analyst_queries_answer() {
         })
     };
     for i in 0..3 {
-        sink.record(&req(i, "10.0.0.5:5432", "db.internal", true, "GET", &a), "node-1", "payments");
+        sink.record(
+            &req(i, "10.0.0.5:5432", "db.internal", true, "GET", &a),
+            "node-1",
+            "payments",
+        );
     }
-    sink.record(&req(10, "10.0.0.5:5432", "db.internal", false, "POST", &a), "node-2", "intruder");
+    sink.record(
+        &req(10, "10.0.0.5:5432", "db.internal", false, "POST", &a),
+        "node-2",
+        "intruder",
+    );
     for i in 20..22 {
-        sink.record(&req(i, "10.0.0.6:443", "api.internal", true, "GET", &b), "node-1", "checkout");
+        sink.record(
+            &req(i, "10.0.0.6:443", "api.internal", true, "GET", &b),
+            "node-1",
+            "checkout",
+        );
     }
-    sink.record(&req(30, "10.0.0.6:443", "api.internal", true, "GET", &vec![]), "node-1", "checkout");
+    sink.record(
+        &req(30, "10.0.0.6:443", "api.internal", true, "GET", &vec![]),
+        "node-1",
+        "checkout",
+    );
     let bindings = SharedBindings::new(&sink);
     bindings.publish(&fa, "payments", "node-1", base);
     bindings.publish(&fa, "intruder", "node-2", base + 10_000_000_000);
     let at = |s: u64| {
-        humantime::format_rfc3339_micros(UNIX_EPOCH + Duration::from_nanos(base + s * 1_000_000_000))
-            .to_string()
+        humantime::format_rfc3339_micros(
+            UNIX_EPOCH + Duration::from_nanos(base + s * 1_000_000_000),
+        )
+        .to_string()
     };
     let replay = json!({"time": at(10), "id": "a1", "rule": "token-replay", "severity": "high",
         "credential": {"fingerprint": fa, "claims": {"sub": "payments"}},
@@ -640,13 +692,17 @@ async fn analyst_queries_answer() {
     let mut again = replay;
     again["count"] = json!(3);
     sink.alert(&alert(again));
-    sink.alert(&alert(json!({"time": at(11), "id": "a2", "rule": "cleartext-credential",
+    sink.alert(&alert(
+        json!({"time": at(11), "id": "a2", "rule": "cleartext-credential",
         "severity": "medium", "credential": {"fingerprint": fa},
         "source": {"workload": "intruder", "node": "node-2"},
-        "owner": {"team": "payments", "contact": "#pay"}})));
-    sink.alert(&alert(json!({"time": at(12), "id": "a3", "rule": "shared-credential",
+        "owner": {"team": "payments", "contact": "#pay"}}),
+    ));
+    sink.alert(&alert(
+        json!({"time": at(12), "id": "a3", "rule": "shared-credential",
         "severity": "low", "credential": {"fingerprint": fb},
-        "source": {"workload": "checkout"}})));
+        "source": {"workload": "checkout"}}),
+    ));
     sink.flush().await.unwrap();
 
     let c = client(&server).with_database("analyst");
@@ -658,7 +714,17 @@ async fn analyst_queries_answer() {
             "fingerprint_usage" => {
                 let rows = json_rows(&c, sql, &[("fingerprint", &fa)]).await;
                 assert_eq!(
-                    pick(&rows, &["source_workload", "node", "destination_host", "destination_ip", "destination_port", "requests"]),
+                    pick(
+                        &rows,
+                        &[
+                            "source_workload",
+                            "node",
+                            "destination_host",
+                            "destination_ip",
+                            "destination_port",
+                            "requests"
+                        ]
+                    ),
                     vec![
                         json!({"source_workload": "payments", "node": "node-1", "destination_host": "db.internal", "destination_ip": "10.0.0.5", "destination_port": 5432, "requests": 3}),
                         json!({"source_workload": "intruder", "node": "node-2", "destination_host": "db.internal", "destination_ip": "10.0.0.5", "destination_port": 5432, "requests": 1}),
@@ -667,7 +733,12 @@ async fn analyst_queries_answer() {
                 rows
             }
             "destination_callers" => {
-                let rows = json_rows(&c, sql, &[("destination", "db.internal"), ("since", &since)]).await;
+                let rows = json_rows(
+                    &c,
+                    sql,
+                    &[("destination", "db.internal"), ("since", &since)],
+                )
+                .await;
                 assert_eq!(
                     pick(&rows, &["source_workload", "requests", "fingerprints"]),
                     vec![
@@ -676,26 +747,47 @@ async fn analyst_queries_answer() {
                     ]
                 );
                 // By address too.
-                let by_ip = json_rows(&c, sql, &[("destination", "10.0.0.6"), ("since", &since)]).await;
+                let by_ip =
+                    json_rows(&c, sql, &[("destination", "10.0.0.6"), ("since", &since)]).await;
                 assert_eq!(
                     pick(&by_ip, &["source_workload", "requests", "fingerprints"]),
-                    vec![json!({"source_workload": "checkout", "requests": 3, "fingerprints": [fb]})]
+                    vec![
+                        json!({"source_workload": "checkout", "requests": 3, "fingerprints": [fb]})
+                    ]
                 );
                 rows
             }
             "workload_calls" => {
                 let rows = json_rows(&c, sql, &[("workload", "checkout"), ("since", &since)]).await;
                 assert_eq!(
-                    pick(&rows, &["destination_host", "destination_ip", "destination_port", "protocol", "methods", "cleartext_requests", "requests"]),
-                    vec![json!({"destination_host": "api.internal", "destination_ip": "10.0.0.6", "destination_port": 443, "protocol": "http1", "methods": ["GET"], "cleartext_requests": 0, "requests": 3})]
+                    pick(
+                        &rows,
+                        &[
+                            "destination_host",
+                            "destination_ip",
+                            "destination_port",
+                            "protocol",
+                            "methods",
+                            "cleartext_requests",
+                            "requests"
+                        ]
+                    ),
+                    vec![
+                        json!({"destination_host": "api.internal", "destination_ip": "10.0.0.6", "destination_port": 443, "protocol": "http1", "methods": ["GET"], "cleartext_requests": 0, "requests": 3})
+                    ]
                 );
                 rows
             }
             "shared_credentials" => {
                 let rows = json_rows(&c, sql, &[("since", &since)]).await;
                 assert_eq!(
-                    pick(&rows, &["fingerprint", "kind", "workloads", "used_by", "nodes"]),
-                    vec![json!({"fingerprint": fa, "kind": kind, "workloads": 2, "used_by": ["intruder", "payments"], "nodes": 2})]
+                    pick(
+                        &rows,
+                        &["fingerprint", "kind", "workloads", "used_by", "nodes"]
+                    ),
+                    vec![
+                        json!({"fingerprint": fa, "kind": kind, "workloads": 2, "used_by": ["intruder", "payments"], "nodes": 2})
+                    ]
                 );
                 rows
             }
@@ -703,30 +795,57 @@ async fn analyst_queries_answer() {
                 let rows = json_rows(&c, sql, &[("since", &since)]).await;
                 assert_eq!(
                     pick(&rows, &["fingerprint", "nodes", "workloads", "requests"]),
-                    vec![json!({"fingerprint": fa, "nodes": ["node-1", "node-2"], "workloads": ["intruder", "payments"], "requests": 4})]
+                    vec![
+                        json!({"fingerprint": fa, "nodes": ["node-1", "node-2"], "workloads": ["intruder", "payments"], "requests": 4})
+                    ]
                 );
                 rows
             }
             "credential_binding" => {
                 let rows = json_rows(&c, sql, &[("fingerprint", &fa)]).await;
                 assert_eq!(
-                    pick(&rows, &["fingerprint", "bound_workload", "bound_node", "workloads_claiming"]),
-                    vec![json!({"fingerprint": fa, "bound_workload": "payments", "bound_node": "node-1", "workloads_claiming": 2})]
+                    pick(
+                        &rows,
+                        &[
+                            "fingerprint",
+                            "bound_workload",
+                            "bound_node",
+                            "workloads_claiming"
+                        ]
+                    ),
+                    vec![
+                        json!({"fingerprint": fa, "bound_workload": "payments", "bound_node": "node-1", "workloads_claiming": 2})
+                    ]
                 );
                 rows
             }
             "cleartext_credentials" => {
                 let rows = json_rows(&c, sql, &[("since", &since)]).await;
                 assert_eq!(
-                    pick(&rows, &["source_workload", "destination_host", "destination_port", "kind", "credentials", "requests"]),
-                    vec![json!({"source_workload": "intruder", "destination_host": "db.internal", "destination_port": 5432, "kind": kind, "credentials": 1, "requests": 1})]
+                    pick(
+                        &rows,
+                        &[
+                            "source_workload",
+                            "destination_host",
+                            "destination_port",
+                            "kind",
+                            "credentials",
+                            "requests"
+                        ]
+                    ),
+                    vec![
+                        json!({"source_workload": "intruder", "destination_host": "db.internal", "destination_port": 5432, "kind": kind, "credentials": 1, "requests": 1})
+                    ]
                 );
                 rows
             }
             "alerts_by_owner" => {
                 let rows = json_rows(&c, sql, &[("since", &since)]).await;
                 assert_eq!(
-                    pick(&rows, &["owner_team", "rule", "severity", "alerts", "occurrences"]),
+                    pick(
+                        &rows,
+                        &["owner_team", "rule", "severity", "alerts", "occurrences"]
+                    ),
                     vec![
                         json!({"owner_team": "", "rule": "shared-credential", "severity": "low", "alerts": 1, "occurrences": 1}),
                         json!({"owner_team": "payments", "rule": "cleartext-credential", "severity": "medium", "alerts": 1, "occurrences": 1}),
@@ -738,7 +857,18 @@ async fn analyst_queries_answer() {
             "alerts_for_fingerprint" => {
                 let rows = json_rows(&c, sql, &[("fingerprint", &fa)]).await;
                 assert_eq!(
-                    pick(&rows, &["id", "rule", "source_workload", "source_node", "destination_host", "first_seen_by", "count"]),
+                    pick(
+                        &rows,
+                        &[
+                            "id",
+                            "rule",
+                            "source_workload",
+                            "source_node",
+                            "destination_host",
+                            "first_seen_by",
+                            "count"
+                        ]
+                    ),
                     vec![
                         json!({"id": "a2", "rule": "cleartext-credential", "source_workload": "intruder", "source_node": "node-2", "destination_host": "db.internal", "first_seen_by": "", "count": 1}),
                         json!({"id": "a1", "rule": "token-replay", "source_workload": "intruder", "source_node": "node-2", "destination_host": "db.internal", "first_seen_by": "payments", "count": 3}),
@@ -767,8 +897,16 @@ async fn analyst_queries_answer() {
         checked.push(name.as_str());
     }
     assert_eq!(checked, names);
-    for required in ["fingerprint_usage", "destination_callers", "shared_credentials", "alerts_by_owner"] {
-        assert!(names.contains(&required), "docs/queries.sql lacks {required}");
+    for required in [
+        "fingerprint_usage",
+        "destination_callers",
+        "shared_credentials",
+        "alerts_by_owner",
+    ] {
+        assert!(
+            names.contains(&required),
+            "docs/queries.sql lacks {required}"
+        );
     }
 
     // Alerts keep their nested parts.
@@ -777,8 +915,14 @@ async fn analyst_queries_answer() {
         .fetch_one()
         .await
         .unwrap();
-    assert_eq!(serde_json::from_str::<Value>(&claims).unwrap(), json!({"sub": "payments"}));
-    assert_eq!(serde_json::from_str::<Value>(&owner).unwrap()["team"], "payments");
+    assert_eq!(
+        serde_json::from_str::<Value>(&claims).unwrap(),
+        json!({"sub": "payments"})
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&owner).unwrap()["team"],
+        "payments"
+    );
     assert_eq!(ip, "::ffff:10.0.0.5");
     sink.shutdown().await.unwrap();
 }

@@ -70,7 +70,10 @@ pub struct ClickHouseArgs {
 impl fmt::Debug for ClickHouseArgs {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClickHouseArgs")
-            .field("clickhouse_url", &self.clickhouse_url)
+            .field(
+                "clickhouse_url",
+                &self.clickhouse_url.as_deref().map(redact_url),
+            )
             .field("clickhouse_user", &self.clickhouse_user)
             .field(
                 "clickhouse_password",
@@ -100,6 +103,20 @@ impl ClickHouseArgs {
             spool_max_bytes: self.spool_max_mb.saturating_mul(1 << 20),
             ..SinkConfig::new("")
         })
+    }
+}
+
+/// A URL fit for logs: user and password (`http://user:secret@host`) and the query string
+/// (`?password=`) left out.
+pub fn redact_url(url: &str) -> String {
+    let url = url.split(['?', '#']).next().unwrap_or(url);
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+            format!("{scheme}://{host}{path}")
+        }
+        None => url.to_string(),
     }
 }
 
@@ -134,7 +151,7 @@ pub struct SinkConfig {
 impl fmt::Debug for SinkConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SinkConfig")
-            .field("url", &self.url)
+            .field("url", &redact_url(&self.url))
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<hidden>"))
             .field("schema", &self.schema)
@@ -162,7 +179,7 @@ impl SinkConfig {
             retry_max: Duration::from_secs(10),
             insert_timeout: Duration::from_secs(30),
             compression: true,
-            max_rejections: 5,
+            max_rejections: 10,
         }
     }
 
@@ -227,13 +244,18 @@ struct Counters {
     last_drop_warn: AtomicU64,
 }
 
+// Requests are nearly all of the traffic: boxing them would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
 enum Msg {
     Request(FlowRow, Vec<ObservationRow>),
-    Alert(AlertRow),
+    Alert(Box<AlertRow>),
     Binding(BindingRow),
     Flush(oneshot::Sender<Result<(), String>>),
     Stop,
 }
+
+/// How long a sealed batch waits for the busy sender before it goes to the spool.
+const SPILL_AFTER: Duration = Duration::from_secs(2);
 
 enum Sealed {
     Batch(Batch),
@@ -265,21 +287,25 @@ impl ClickHouseSink {
         let spool = Spool::open(&cfg.spool_dir, cfg.spool_max_bytes)?;
         let client = cfg.client();
         let counters = Arc::new(Counters::default());
-        let schema_ready = match schema::migrate(&client, &cfg.schema).await {
+        let migrated =
+            tokio::time::timeout(cfg.insert_timeout, schema::migrate(&client, &cfg.schema))
+                .await
+                .unwrap_or_else(|_| Err(anyhow!("no answer within {:?}", cfg.insert_timeout)));
+        let schema_ready = match migrated {
             Ok(r) => {
-                tracing::info!(url = %cfg.url, database = %cfg.schema.database, from = r.from, to = r.to, "ClickHouse schema ready");
+                tracing::info!(url = %redact_url(&cfg.url), database = %cfg.schema.database, from = r.from, to = r.to, "ClickHouse schema ready");
                 true
             }
             Err(e) => {
                 counters.errors.fetch_add(1, Relaxed);
-                tracing::warn!(url = %cfg.url, "ClickHouse not ready, rows go to the spool until it is: {e:#}");
+                tracing::warn!(url = %redact_url(&cfg.url), "ClickHouse not ready, rows go to the spool until it is: {e:#}");
                 false
             }
         };
         let spool = Arc::new(Mutex::new(spool));
         let (tx, rx) = mpsc::channel(cfg.channel_capacity.max(1));
         // A few sealed batches in hand; more wait in the spool.
-        let (sealed_tx, sealed_rx) = mpsc::channel(8);
+        let (sealed_tx, sealed_rx) = mpsc::channel(4);
         let data_client = client.clone().with_database(&cfg.schema.database);
         let batcher = Batcher {
             rx,
@@ -335,8 +361,7 @@ impl ClickHouseSink {
             let now = self.inner.started.elapsed().as_secs() + 1;
             let last = c.last_drop_warn.load(Relaxed);
             if now >= last + 10
-                && c
-                    .last_drop_warn
+                && c.last_drop_warn
                     .compare_exchange(last, now, Relaxed, Relaxed)
                     .is_ok()
             {
@@ -358,7 +383,7 @@ impl ClickHouseSink {
 
     /// Queues an alert; never blocks.
     pub fn alert(&self, a: &Alert) {
-        self.offer(Msg::Alert(rows::alert_row(a)), 1);
+        self.offer(Msg::Alert(Box::new(rows::alert_row(a))), 1);
     }
 
     /// Queues a `credential_bindings` row; never blocks.
@@ -482,53 +507,63 @@ impl Batcher {
         loop {
             tokio::select! {
                 m = self.rx.recv() => match m {
-                    Some(Msg::Request(f, o)) => {
-                        self.flows.push(f);
-                        self.observations.extend(o);
-                        if self.flows.len() >= self.batch_rows {
-                            self.seal(Table::Flows);
-                        }
-                        if self.observations.len() >= self.batch_rows {
-                            self.seal(Table::CredentialObservations);
-                        }
-                    }
-                    Some(Msg::Alert(a)) => {
-                        self.alerts.push(a);
-                        if self.alerts.len() >= self.batch_rows {
-                            self.seal(Table::Alerts);
-                        }
-                    }
-                    Some(Msg::Binding(b)) => {
-                        self.bindings.push(b);
-                        if self.bindings.len() >= self.batch_rows {
-                            self.seal(Table::CredentialBindings);
-                        }
-                    }
-                    Some(Msg::Flush(reply)) => {
-                        self.seal_all();
-                        if let Err(e) = self.sealed.send(Sealed::Flush(reply)).await
-                            && let Sealed::Flush(reply) = e.0
-                        {
-                            let _ = reply.send(Err("ClickHouse sender has stopped".into()));
-                        }
-                    }
-                    Some(Msg::Stop) | None => {
-                        self.seal_all();
-                        return;
-                    }
+                    Some(Msg::Stop) | None => break,
+                    Some(m) => self.handle(m).await,
                 },
-                _ = tick.tick() => self.seal_all(),
+                _ = tick.tick() => self.seal_all().await,
             }
         }
+        // Rows queued before the channel closed are still sent (or spooled).
+        self.rx.close();
+        while let Ok(m) = self.rx.try_recv() {
+            self.handle(m).await;
+        }
+        self.seal_all().await;
     }
 
-    fn seal_all(&mut self) {
-        for t in Table::ALL {
-            self.seal(t);
+    async fn handle(&mut self, m: Msg) {
+        match m {
+            Msg::Request(f, o) => {
+                self.flows.push(f);
+                self.observations.extend(o);
+                if self.flows.len() >= self.batch_rows {
+                    self.seal(Table::Flows).await;
+                }
+                if self.observations.len() >= self.batch_rows {
+                    self.seal(Table::CredentialObservations).await;
+                }
+            }
+            Msg::Alert(a) => {
+                self.alerts.push(*a);
+                if self.alerts.len() >= self.batch_rows {
+                    self.seal(Table::Alerts).await;
+                }
+            }
+            Msg::Binding(b) => {
+                self.bindings.push(b);
+                if self.bindings.len() >= self.batch_rows {
+                    self.seal(Table::CredentialBindings).await;
+                }
+            }
+            Msg::Flush(reply) => {
+                self.seal_all().await;
+                if let Err(e) = self.sealed.send(Sealed::Flush(reply)).await
+                    && let Sealed::Flush(reply) = e.0
+                {
+                    let _ = reply.send(Err("ClickHouse sender has stopped".into()));
+                }
+            }
+            Msg::Stop => {}
         }
     }
 
-    fn seal(&mut self, t: Table) {
+    async fn seal_all(&mut self) {
+        for t in Table::ALL {
+            self.seal(t).await;
+        }
+    }
+
+    async fn seal(&mut self, t: Table) {
         let rows = match t {
             Table::Flows => Rows::Flows(std::mem::take(&mut self.flows)),
             Table::CredentialObservations => {
@@ -541,14 +576,12 @@ impl Batcher {
             return;
         }
         let b = Batch::new(rows);
-        match self.sealed.try_send(Sealed::Batch(b)) {
-            Ok(()) => {}
-            // The sender is busy (or waiting out an outage): the batch waits on disk.
-            Err(mpsc::error::TrySendError::Full(Sealed::Batch(b)))
-            | Err(mpsc::error::TrySendError::Closed(Sealed::Batch(b))) => {
-                spool_batch(&self.spool, &self.counters, &b)
-            }
-            Err(_) => unreachable!("only batches are try_sent"),
+        // The sender is busy with an INSERT: wait a little (the channel in front holds the
+        // rows coming meanwhile), then let the batch wait on disk instead.
+        match tokio::time::timeout(SPILL_AFTER, self.sealed.reserve()).await {
+            Ok(Ok(permit)) => permit.send(Sealed::Batch(b)),
+            // Busy for long (a slow or hung server), or stopped.
+            _ => spool_batch(&self.spool, &self.counters, &b),
         }
     }
 }
@@ -611,9 +644,7 @@ impl Sender {
     async fn run(mut self) {
         loop {
             let spool_waiting = !self.spool.lock().expect("spool").is_empty();
-            let wake = self
-                .retry_at
-                .unwrap_or_else(tokio::time::Instant::now);
+            let wake = self.retry_at.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
                 m = self.rx.recv() => match m {
                     Some(Sealed::Batch(b)) => {
@@ -660,7 +691,9 @@ impl Sender {
 
     async fn ensure_schema(&mut self) -> Result<()> {
         if !self.schema_ready {
-            schema::migrate(&self.client, &self.schema).await?;
+            tokio::time::timeout(self.timeout, schema::migrate(&self.client, &self.schema))
+                .await
+                .unwrap_or_else(|_| Err(anyhow!("no answer within {:?}", self.timeout)))?;
             self.data.clear_cached_metadata().await;
             self.schema_ready = true;
             tracing::info!(database = %self.schema.database, "ClickHouse schema ready");
@@ -693,7 +726,11 @@ impl Sender {
             }
             Err(e) => {
                 let rejected = is_rejection(&e);
-                let what = if rejected { "refused" } else { "could not take" };
+                let what = if rejected {
+                    "refused"
+                } else {
+                    "could not take"
+                };
                 let n = b.rows.len();
                 Err(SendError {
                     rejected,
@@ -797,6 +834,16 @@ mod tests {
     }
 
     #[test]
+    fn urls_redacted() {
+        assert_eq!(
+            redact_url("https://u:s3cret@ch.example:8443/x?password=s3cret"),
+            "https://ch.example:8443/x"
+        );
+        assert_eq!(redact_url("http://127.0.0.1:8123"), "http://127.0.0.1:8123");
+        assert_eq!(redact_url("ch:8123"), "ch:8123");
+    }
+
+    #[test]
     fn args_and_hidden_password() {
         let cli = Cli::parse_from([
             "x",
@@ -807,6 +854,8 @@ mod tests {
             "--spool-max-mb",
             "2",
         ]);
+        let with_userinfo = Cli::parse_from(["x", "--clickhouse-url", "http://u:s3cret@h:8123"]);
+        assert!(!format!("{:?}", with_userinfo.ch).contains("s3cret"));
         let dbg = format!("{:?}", cli.ch);
         assert!(!dbg.contains("s3cret"), "{dbg}");
         let cfg = cli.ch.sink_config().unwrap();

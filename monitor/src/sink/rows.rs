@@ -317,8 +317,14 @@ mod tests {
 
     #[test]
     fn times() {
-        assert_eq!(rfc3339_micros("1970-01-01T00:00:01.000002Z"), Some(1_000_002));
-        assert_eq!(rfc3339_micros("2026-01-01T00:00:00Z"), Some(1_767_225_600_000_000));
+        assert_eq!(
+            rfc3339_micros("1970-01-01T00:00:01.000002Z"),
+            Some(1_000_002)
+        );
+        assert_eq!(
+            rfc3339_micros("2026-01-01T00:00:00Z"),
+            Some(1_767_225_600_000_000)
+        );
         assert_eq!(rfc3339_micros("yesterday"), None);
     }
 

@@ -62,7 +62,8 @@ ORDER BY (source_workload, time)
 {ttl}
 SETTINGS non_replicated_deduplication_window = {dedup}";
 
-pub const CREDENTIAL_OBSERVATIONS_V1: &str = "CREATE TABLE IF NOT EXISTS {db}.credential_observations (
+pub const CREDENTIAL_OBSERVATIONS_V1: &str =
+    "CREATE TABLE IF NOT EXISTS {db}.credential_observations (
     time DateTime64(6, 'UTC'),
     node LowCardinality(String),
     fingerprint String,
@@ -360,10 +361,7 @@ mod tests {
         assert!(s.contains("TTL toDateTime(time) + INTERVAL 7 DAY"));
         assert!(s.contains("non_replicated_deduplication_window = 10000"));
         assert!(!s.contains('{'));
-        let forever = SchemaConfig {
-            ttl_days: 0,
-            ..cfg
-        };
+        let forever = SchemaConfig { ttl_days: 0, ..cfg };
         assert!(!forever.render(FLOWS_V1).contains("TTL"));
     }
 

@@ -162,7 +162,10 @@ fn write_rows<T: Serialize>(out: &mut Vec<u8>, rows: &[T]) -> Result<()> {
     Ok(())
 }
 
-fn read_rows<T: DeserializeOwned>(lines: &mut impl Iterator<Item = std::io::Result<String>>, n: u64) -> Result<Vec<T>> {
+fn read_rows<T: DeserializeOwned>(
+    lines: &mut impl Iterator<Item = std::io::Result<String>>,
+    n: u64,
+) -> Result<Vec<T>> {
     let mut v = Vec::with_capacity(n as usize);
     for i in 0..n {
         let line = lines
@@ -220,7 +223,7 @@ impl Spool {
         }
         entries.sort_by_key(|e| e.seq);
         let next_seq = entries.last().map_or(0, |e| e.seq + 1);
-        let mut s = Spool {
+        let s = Spool {
             dir: dir.to_path_buf(),
             max_bytes,
             bytes: entries.iter().map(|e| e.bytes).sum(),
@@ -238,7 +241,6 @@ impl Spool {
                 "spool holds batches from an earlier run: they will be sent"
             );
         }
-        s.max_bytes = max_bytes;
         Ok(s)
     }
 
@@ -366,13 +368,11 @@ impl Spool {
 
     /// Reads a spooled batch back.
     pub fn load(&self, e: &SpoolEntry) -> Result<Batch> {
-        let f = fs::File::open(&e.path)
-            .with_context(|| format!("cannot open {}", e.path.display()))?;
+        let f =
+            fs::File::open(&e.path).with_context(|| format!("cannot open {}", e.path.display()))?;
         let mut lines = BufReader::new(f).lines();
-        let head: Header = serde_json::from_str(
-            &lines.next().context("empty spool file")??,
-        )
-        .context("spool file header")?;
+        let head: Header = serde_json::from_str(&lines.next().context("empty spool file")??)
+            .context("spool file header")?;
         if head.v != 1 || head.table != e.table || head.rows != e.rows {
             bail!("spool file header does not match its name");
         }
@@ -415,8 +415,7 @@ impl Spool {
             return Ok(None);
         };
         let to = e.path.with_extension(format!("jsonl.{suffix}"));
-        fs::rename(&e.path, &to)
-            .with_context(|| format!("cannot rename {}", e.path.display()))?;
+        fs::rename(&e.path, &to).with_context(|| format!("cannot rename {}", e.path.display()))?;
         Ok(Some(to))
     }
 }
@@ -478,7 +477,13 @@ mod tests {
         let first = s.oldest().unwrap().seq;
         s.set_in_flight(Some(first));
         let shed = s.push(&bindings(10, "d")).unwrap();
-        assert_eq!(shed, Shed { batches: 1, rows: 10 });
+        assert_eq!(
+            shed,
+            Shed {
+                batches: 1,
+                rows: 10
+            }
+        );
         // The in-flight one (a) stays, b went.
         let left: Vec<_> = s.entries.iter().map(|e| s.load(e).unwrap()).collect();
         let tags: Vec<_> = left
@@ -491,7 +496,13 @@ mod tests {
         assert_eq!(tags, ["a-0", "c-0", "d-0"]);
         // Larger than the whole spool: the new batch itself is shed.
         let shed = s.push(&bindings(100, "big")).unwrap();
-        assert_eq!(shed, Shed { batches: 1, rows: 100 });
+        assert_eq!(
+            shed,
+            Shed {
+                batches: 1,
+                rows: 100
+            }
+        );
         assert_eq!(s.depth().0, 3);
     }
 
@@ -501,7 +512,11 @@ mod tests {
         let mut s = Spool::open(d.path(), 1 << 20).unwrap();
         s.push(&bindings(2, "a")).unwrap();
         let e = s.oldest().unwrap().clone();
-        fs::write(&e.path, "{\"v\":1,\"table\":\"credential_bindings\",\"token\":\"t\",\"rows\":2}\n{}\n").unwrap();
+        fs::write(
+            &e.path,
+            "{\"v\":1,\"table\":\"credential_bindings\",\"token\":\"t\",\"rows\":2}\n{}\n",
+        )
+        .unwrap();
         assert!(s.load(&e).is_err());
         let to = s.set_aside(e.seq, "bad").unwrap().unwrap();
         assert!(to.to_string_lossy().ends_with(".jsonl.bad"));

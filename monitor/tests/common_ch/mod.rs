@@ -94,7 +94,9 @@ impl Server {
                 out.trim(),
                 t.elapsed().as_secs_f64()
             ),
-            Err(out) => panic!("cannot start ClickHouse for the test (cargo xtask clickhouse up):\n{out}"),
+            Err(out) => {
+                panic!("cannot start ClickHouse for the test (cargo xtask clickhouse up):\n{out}")
+            }
         }
     }
 
@@ -114,7 +116,10 @@ impl Server {
         while Path::new(&format!("/proc/{pid}/cmdline")).exists()
             && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
         {
-            assert!(t.elapsed() < Duration::from_secs(10), "pid {pid} survives SIGKILL");
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "pid {pid} survives SIGKILL"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         // The server was started in its own session by xtask: reap is not ours to do.
