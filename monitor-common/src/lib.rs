@@ -215,8 +215,14 @@ pub const PROG_NAMES: [&str; PROG_COUNT as usize] = [
     "exec",
 ];
 
-pub const STAT_NAMES: [&str; STAT_COUNT as usize] =
-    ["hits", "events", "lost", "truncated", "read_errors", "skipped"];
+pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
+    "hits",
+    "events",
+    "lost",
+    "truncated",
+    "read_errors",
+    "skipped",
+];
 
 #[cfg(feature = "user")]
 mod user {

@@ -10,9 +10,9 @@ pub mod identity;
 pub mod notify;
 pub mod parse;
 pub mod pipeline;
+pub mod probe;
 pub mod rules;
 pub mod sink;
-pub mod probe;
 
 /// Default place of the fingerprint key; one key per cluster makes fingerprints agree.
 pub const DEFAULT_KEY_FILE: &str = "/var/lib/monitor/fingerprint.key";

@@ -12,10 +12,14 @@ use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use monitor::{
     alert::Alert,
-    detect::{Detector, state::State},
+    detect::{Detector, state::State, workload},
     notify::{Notifier, NotifyArgs},
     pipeline::RequestRecord,
     rules::{Mode, Rules},
+    sink::{
+        bindings::SharedBindings,
+        clickhouse::{ClickHouseArgs, ClickHouseSink, SinkRuntime},
+    },
 };
 use tracing::{error, info, warn};
 
@@ -52,6 +56,16 @@ pub struct DetectArgs {
     pub learn_out: Option<PathBuf>,
     #[command(flatten)]
     pub notify: NotifyArgs,
+    #[command(flatten)]
+    pub clickhouse: ClickHouseArgs,
+}
+
+/// History in ClickHouse and bindings shared with the other nodes through it. The sink runs
+/// on its own runtime thread, so neither the capture loop nor replay waits on the server.
+struct Store {
+    sink: ClickHouseSink,
+    rt: SinkRuntime,
+    node: String,
 }
 
 pub fn load_rules(path: Option<&std::path::Path>) -> Result<Arc<Rules>> {
@@ -72,11 +86,14 @@ pub struct Outputs {
     stdout: BufWriter<std::io::Stdout>,
     /// Alerts file (rotated) and webhook, in the chosen alert format.
     notifier: Option<Notifier>,
+    store: Option<Store>,
     alerts: Vec<Alert>,
 }
 
 impl Outputs {
-    pub fn new(args: &DetectArgs, node: &str) -> Result<Self> {
+    /// `live`: bindings from other nodes are refreshed in the background (run); a replay
+    /// reads them once at the start, so that it stays deterministic.
+    pub fn new(args: &DetectArgs, node: &str, live: bool) -> Result<Self> {
         let rules = load_rules(args.rules.as_deref())?;
         let cap = rules
             .settings
@@ -86,13 +103,37 @@ impl Outputs {
             Some(p) => Some(State::load(p, cap)?),
             None => None,
         };
-        let detector = Detector::new(rules, node, args.mode, state);
+        let mut detector = Detector::new(rules, node, args.mode, state);
         let notifier = Notifier::new(&args.notify, args.alerts_file.clone())?;
+        let store = match args.clickhouse.sink_config() {
+            None => None,
+            Some(cfg) => {
+                let (sink, rt) = ClickHouseSink::start_dedicated(cfg)?;
+                let bindings = Arc::new(SharedBindings::new(&sink));
+                match rt.block_on(bindings.load_initial()) {
+                    Ok(n) => info!(bindings = n, "bindings from all nodes loaded"),
+                    Err(e) => {
+                        warn!(error = %format!("{e:#}"), "ClickHouse not reachable: bindings of other nodes unknown until it is")
+                    }
+                }
+                if live {
+                    let _guard = rt.handle().enter();
+                    bindings.spawn_refresh(Duration::from_secs(5));
+                }
+                detector = detector.with_shared(bindings);
+                Some(Store {
+                    sink,
+                    rt,
+                    node: node.to_string(),
+                })
+            }
+        };
         Ok(Outputs {
             detector,
             args: args.clone(),
             stdout: BufWriter::new(std::io::stdout()),
             notifier: Some(notifier),
+            store,
             alerts: Vec::new(),
         })
     }
@@ -113,6 +154,15 @@ impl Outputs {
         for r in recs.iter() {
             self.detector.observe(r, &mut self.alerts);
         }
+        if let Some(st) = &self.store {
+            for r in recs.iter() {
+                st.sink.record(
+                    r,
+                    &st.node,
+                    &workload::source_workload(self.detector.rules(), r),
+                );
+            }
+        }
         let print_req = matches!(self.args.print, Print::All | Print::Requests);
         let print_alerts = matches!(self.args.print, Print::All | Print::Alerts);
         for r in recs.drain(..) {
@@ -127,6 +177,9 @@ impl Outputs {
                 let _ = self.stdout.write_all(b"\n");
             }
             notifier.send(&a);
+            if let Some(st) = &self.store {
+                st.sink.alert(&a);
+            }
         }
         notifier.flush();
         let _ = self.stdout.flush();
@@ -148,6 +201,16 @@ impl Outputs {
         let notify = self.notifier.take().map_or(serde_json::Value::Null, |n| {
             n.shutdown(Duration::from_secs(5))
         });
+        let ch_stats = match self.store.take() {
+            None => serde_json::Value::Null,
+            Some(st) => {
+                // Everything sent, or spooled on disk for the next start: nothing is lost.
+                if let Err(e) = st.rt.block_on(st.sink.shutdown()) {
+                    warn!(error = %format!("{e:#}"), "ClickHouse shutdown");
+                }
+                serde_json::to_value(st.sink.stats()).unwrap_or_default()
+            }
+        };
         if let Some(p) = &self.args.state_file {
             self.detector.save_state(p)?;
         }
@@ -166,7 +229,7 @@ impl Outputs {
                 .with_context(|| format!("writing {}", p.display()))?;
             info!(path = %p.display(), "learnt rules written");
         }
-        Ok(notify)
+        Ok(serde_json::json!({"notify": notify, "clickhouse": ch_stats}))
     }
 }
 

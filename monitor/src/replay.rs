@@ -57,7 +57,7 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
         };
         if outputs.is_none() {
             let node = args.node.clone().unwrap_or_else(|| ev.node.clone());
-            outputs = Some(crate::outputs::Outputs::new(&args.detect, &node)?);
+            outputs = Some(crate::outputs::Outputs::new(&args.detect, &node, false)?);
         }
         let out = outputs.as_mut().expect("made above");
         let (now, wall) = (ev.ts_ns, ev.time_ns);
@@ -75,6 +75,7 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
         None => outputs.insert(crate::outputs::Outputs::new(
             &args.detect,
             args.node.as_deref().unwrap_or("replay"),
+            false,
         )?),
     };
     out.write(&mut recs);
@@ -83,7 +84,7 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
         "malformed_lines": bad,
         "pipeline": pipe.stats,
         "detect": out.detector.stats,
-        "notify": notify,
+        "outputs": notify,
     });
     info!(summary = %summary, "replay finished");
     Ok(())

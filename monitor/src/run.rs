@@ -171,7 +171,7 @@ fn drain(rb: &mut RingBuf<MapData>, ctx: &mut Ctx, recs: &mut Vec<RequestRecord>
 pub async fn run(args: RunArgs) -> Result<()> {
     // Rules first: broken rules stop the daemon before anything is attached.
     let node = args.node.clone().unwrap_or_else(identity::hostname);
-    let mut outputs = crate::outputs::Outputs::new(&args.detect, &node)?;
+    let mut outputs = crate::outputs::Outputs::new(&args.detect, &node, true)?;
     probe::check_privileges()?;
     let fp = Fingerprinter::load_or_create(&args.key_file)?;
     let skip_responses = args
@@ -273,7 +273,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         "kernel": kernel,
         "pipeline": pipe.stats,
         "detect": outputs.detector.stats,
-        "notify": notify,
+        "outputs": notify,
     });
     info!(summary = %summary, "monitor stopped");
     if lost > 0 {

@@ -4,6 +4,7 @@
 //! docs/queries.sql.
 
 mod common_ch;
+mod common_log;
 
 use std::{
     collections::BTreeMap,
@@ -155,6 +156,10 @@ fn dead_url() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_created_and_migrated_from_v1() {
     let server = Server::start();
+    // xtask: a second `up` finds it running; `status` tells where.
+    assert!(server.up().contains("already up"));
+    let st = server.status().unwrap();
+    assert!(st.contains(&format!("127.0.0.1:{}", server.port)), "{st}");
     let c = client(&server);
     let cfg = SchemaConfig {
         database: "mig".into(),
@@ -464,6 +469,7 @@ async fn spool_full_sheds_are_counted() {
         .sum();
     assert!(on_disk <= MAX, "{on_disk} bytes on disk");
 
+    assert!(server.status().is_err());
     server.up();
     flush_all(&sink, Duration::from_secs(30)).await;
     assert_eq!(
@@ -533,6 +539,30 @@ async fn bindings_shared_across_nodes() {
     assert!(b1.get("fp-none").is_none());
     node1.shutdown().await.unwrap();
     node2.shutdown().await.unwrap();
+}
+
+/// `monitor replay` is synchronous: the writer brings its own runtime.
+#[test]
+fn dedicated_runtime_for_synchronous_callers() {
+    const N: u64 = 5_000;
+    let server = Server::start();
+    let spool = tempfile::tempdir().unwrap();
+    let (sink, rt) =
+        ClickHouseSink::start_dedicated(config(&server.url(), "sync", spool.path())).unwrap();
+    let bindings = SharedBindings::new(&sink);
+    assert_eq!(rt.block_on(bindings.load_initial()).unwrap(), 0);
+    let base = now_ns() - 3_600_000_000_000;
+    for i in 0..N {
+        sink.record(&plain(i, base + i * 1000), "node-1", "replay");
+    }
+    bindings.publish("fp-sync", "replay", "node-1", base);
+    rt.block_on(sink.shutdown()).unwrap();
+    let s = sink.stats();
+    assert_eq!((s.rows_written, s.dropped), (N + 1, 0), "{s:?}");
+    let c = client(&server);
+    let n = rt.block_on(scalar(&c, "SELECT count() FROM sync.flows"));
+    assert_eq!(n, N);
+    drop(rt);
 }
 
 /// docs/queries.sql, by name.
@@ -925,4 +955,93 @@ async fn analyst_queries_answer() {
     );
     assert_eq!(ip, "::ffff:10.0.0.5");
     sink.shutdown().await.unwrap();
+}
+
+/// Two nodes share one ClickHouse: payments uses a token on node-1; the same token presented by
+/// an intruder on node-2 raises `token-replay` there, naming node-1 as where it was first seen.
+#[test]
+fn token_first_seen_on_one_node_and_replayed_on_another_raises_token_replay() {
+    let server = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = common_log::write_log(
+        dir.path(),
+        "node1.jsonl",
+        &[common_log::request(
+            0,
+            "/shop/payments",
+            "tok-cross-node",
+            "/api/a",
+        )],
+    );
+    let b = common_log::write_log(
+        dir.path(),
+        "node2.jsonl",
+        &[common_log::request(
+            30,
+            "/shop/intruder",
+            "tok-cross-node",
+            "/api/a",
+        )],
+    );
+    let replay = |log: &str, node: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_monitor"))
+            .args([
+                "replay", "--events", log, "--print", "alerts", "--node", node,
+            ])
+            .args([
+                "--clickhouse-url",
+                &server.url(),
+                "--clickhouse-database",
+                "crossnode",
+            ])
+            .arg("--spool-dir")
+            .arg(dir.path().join(format!("spool-{node}")))
+            .arg("--key-file")
+            .arg(dir.path().join("key"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        assert!(!stderr.contains("tok-cross-node"));
+        let alerts: Vec<Value> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        alerts
+    };
+    let first = replay(&a, "node-1");
+    assert!(
+        first.iter().all(|a| a["rule"] != "token-replay"),
+        "{first:#?}"
+    );
+    let second = replay(&b, "node-2");
+    let rep: Vec<&Value> = second
+        .iter()
+        .filter(|a| a["rule"] == "token-replay")
+        .collect();
+    assert_eq!(rep.len(), 1, "{second:#?}");
+    assert_eq!(rep[0]["source"]["workload"], "cgroup:/shop/intruder");
+    assert_eq!(rep[0]["source"]["node"], "node-2");
+    assert_eq!(rep[0]["first_seen_by"], "cgroup:/shop/payments");
+    assert!(
+        rep[0]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("first seen on node-1"),
+        "{:#?}",
+        rep[0]
+    );
+    // And the alert is in the shared history.
+    let n = std::process::Command::new("curl")
+        .args([
+            "-s",
+            &format!(
+                "{}/?query=SELECT+count()+FROM+crossnode.alerts+WHERE+rule%3D%27token-replay%27",
+                server.url()
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&n.stdout).trim(), "1");
 }

@@ -32,20 +32,7 @@ fn setup() -> Setup {
 
 impl Setup {
     fn curl(&self, url: &str, headers: &[String]) -> u32 {
-        let resolve = format!(
-            "server.test:443:{ip},server.test:80:{ip}",
-            ip = self.lab.server_ip
-        );
-        let mut argv: Vec<String> =
-            vec!["curl".into(), "-sS".into(), "-o".into(), "/dev/null".into()];
-        for r in resolve.split(',') {
-            argv.extend(["--resolve".into(), r.into()]);
-        }
-        argv.extend(["--cacert".into(), self.nginx.cert.display().to_string()]);
-        for h in headers {
-            argv.extend(["-H".into(), h.clone()]);
-        }
-        argv.push(url.into());
+        let argv = curl_args(&self.lab, &self.nginx, headers, &[], url);
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         let mut child = self.client_cg.spawn(&self.lab.client_ns, &argv);
         let pid = child.id();
@@ -373,22 +360,14 @@ fn cgroup_selection_reports_only_the_selected_workload() {
     let tok = token();
     let pid = s.curl("https://server.test/selected", &[bearer(&tok)]);
     // The same request from a cgroup that was not selected.
-    let resolve = format!("server.test:443:{}", s.lab.server_ip);
-    let cert = s.nginx.cert.display().to_string();
-    let h = bearer(&tok);
-    let argv = [
-        "curl",
-        "-sS",
-        "-o",
-        "/dev/null",
-        "--resolve",
-        &resolve,
-        "--cacert",
-        &cert,
-        "-H",
-        &h,
+    let argv = curl_args(
+        &s.lab,
+        &s.nginx,
+        &[bearer(&tok)],
+        &[],
         "https://server.test/not-selected",
-    ];
+    );
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     assert!(
         other
             .spawn(&s.lab.client_ns, &argv)

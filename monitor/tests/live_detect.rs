@@ -93,27 +93,14 @@ human_identities:
     }
 
     fn curl(&self, who: &Cgroup, url: &str, token: &str) {
-        let resolve = [
-            format!("server.test:443:{}", self.lab.server_ip),
-            format!("server.test:80:{}", self.lab.server_ip),
-        ];
-        let cert = self.nginx.cert.display().to_string();
-        let h = format!("Authorization: Bearer {token}");
-        let argv = [
-            "curl",
-            "-sS",
-            "-o",
-            "/dev/null",
-            "--resolve",
-            &resolve[0],
-            "--resolve",
-            &resolve[1],
-            "--cacert",
-            &cert,
-            "-H",
-            &h,
+        let argv = curl_args(
+            &self.lab,
+            &self.nginx,
+            &[format!("Authorization: Bearer {token}")],
+            &[],
             url,
-        ];
+        );
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         assert!(
             who.spawn(&self.lab.client_ns, &argv)
                 .wait()

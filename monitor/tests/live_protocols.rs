@@ -56,11 +56,6 @@ fn http2_over_tls_and_cleartext_are_reported_with_hpack_decoded_headers() {
     let nginx = Nginx::start(&lab, &server_cg);
     let mon = Monitor::start(&["--print", "requests"]);
     let tok = format!("tok-{}", random_hex(20));
-    let cert = nginx.cert.display().to_string();
-    let resolve = [
-        format!("server.test:8443:{}", lab.server_ip),
-        format!("server.test:8080:{}", lab.server_ip),
-    ];
     let auth = format!("Authorization: Bearer {tok}");
     for (flag, url) in [
         ("--http2", "https://server.test:8443/h2/tls"),
@@ -69,28 +64,16 @@ fn http2_over_tls_and_cleartext_are_reported_with_hpack_decoded_headers() {
             "http://server.test:8080/h2/clear",
         ),
     ] {
-        // Two requests on one connection: the second reuses HPACK's dynamic table.
         // Two requests on one TLS connection: the second reuses HPACK's dynamic table. (curl
         // 7.88 against nginx 1.22 fails to reuse an h2c connection, monitor or not: one there.)
-        let mut argv = vec![
-            "curl",
-            "-sS",
-            flag,
-            "--resolve",
-            &resolve[0],
-            "--resolve",
-            &resolve[1],
-            "--cacert",
-            &cert,
-            "-H",
-            &auth,
-            "-o",
-            "/dev/null",
-            url,
-        ];
-        if url.starts_with("https") {
-            argv.extend(["-o", "/dev/null", url]);
-        }
+        let again: &[&str] = if url.starts_with("https") {
+            &["-o", "/dev/null", url]
+        } else {
+            &[]
+        };
+        let extra: Vec<&str> = [flag].into_iter().chain(again.iter().copied()).collect();
+        let argv = curl_args(&lab, &nginx, std::slice::from_ref(&auth), &extra, url);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         let o = client_cg.command(&lab.client_ns, &argv).output().unwrap();
         assert!(
             o.status.success(),

@@ -242,3 +242,37 @@ impl Drop for Nginx {
         let _ = self.child.wait();
     }
 }
+
+/// curl's arguments for a request from the client host to the lab's nginx: every test host
+/// name resolves to the server, its certificate is trusted, headers are added.
+pub fn curl_args(
+    lab: &Lab,
+    nginx: &Nginx,
+    headers: &[String],
+    extra: &[&str],
+    url: &str,
+) -> Vec<String> {
+    let mut argv: Vec<String> = ["curl", "-sS", "-o", "/dev/null"]
+        .map(String::from)
+        .to_vec();
+    for host in [
+        "server.test",
+        "orders.shop.test",
+        "ledger.shop.test",
+        "admin.shop.test",
+    ] {
+        for port in [443, 80, 8443, 8080] {
+            argv.extend([
+                "--resolve".into(),
+                format!("{host}:{port}:{}", lab.server_ip),
+            ]);
+        }
+    }
+    argv.extend(["--cacert".into(), nginx.cert.display().to_string()]);
+    for h in headers {
+        argv.extend(["-H".into(), h.clone()]);
+    }
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    argv.push(url.into());
+    argv
+}

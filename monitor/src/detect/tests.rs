@@ -227,43 +227,26 @@ fn claims(iat: i64, exp: i64) -> Claims {
 fn expired_and_long_lived() {
     let r = rules(RULES);
     let now = (NOW / 1_000_000_000) as i64;
-    let a = run(
-        &r,
-        "n1",
-        &[req(
-            "/payments",
-            "10.9.0.1",
-            true,
-            0,
-            vec![cred(FP, Some(claims(now - 7200, now - 3600)))],
-        )],
-    );
+    let with = |c: Claims| {
+        run(
+            &r,
+            "n1",
+            &[req(
+                "/payments",
+                "10.9.0.1",
+                true,
+                0,
+                vec![cred(FP, Some(c))],
+            )],
+        )
+    };
+    let a = with(claims(now - 7200, now - 3600));
     assert_eq!(fired(&a, "expired-token").len(), 1);
     assert!(fired(&a, "long-lived-token").is_empty());
-    let a = run(
-        &r,
-        "n1",
-        &[req(
-            "/payments",
-            "10.9.0.1",
-            true,
-            0,
-            vec![cred(FP, Some(claims(now, now + 30 * 86400)))],
-        )],
-    );
+    let a = with(claims(now, now + 30 * 86400));
     assert_eq!(fired(&a, "long-lived-token").len(), 1);
     assert!(fired(&a, "expired-token").is_empty());
-    let a = run(
-        &r,
-        "n1",
-        &[req(
-            "/payments",
-            "10.9.0.1",
-            true,
-            0,
-            vec![cred(FP, Some(claims(now, now + 3600)))],
-        )],
-    );
+    let a = with(claims(now, now + 3600));
     assert!(fired(&a, "long-lived-token").is_empty() && fired(&a, "expired-token").is_empty());
 }
 

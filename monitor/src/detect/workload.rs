@@ -74,7 +74,10 @@ pub fn destination(rules: &Rules, rec: &RequestRecord) -> String {
     }
     // A destination that is itself a known workload (by address).
     if let Some(ip) = ip
-        && let Some(w) = rules.workloads.iter().find(|w| w.nets.iter().any(|n| n.contains(&ip)))
+        && let Some(w) = rules
+            .workloads
+            .iter()
+            .find(|w| w.nets.iter().any(|n| n.contains(&ip)))
     {
         return w.name.clone();
     }

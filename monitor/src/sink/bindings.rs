@@ -224,3 +224,18 @@ impl SharedBindings {
         })
     }
 }
+
+/// The detector reads bindings made on other nodes through this, and publishes its own.
+impl crate::detect::SharedBindings for SharedBindings {
+    fn get(&self, fingerprint: &str) -> Option<crate::detect::RemoteBinding> {
+        SharedBindings::get(self, fingerprint).map(|b| crate::detect::RemoteBinding {
+            workload: b.workload,
+            node: b.node,
+            first_seen_ns: b.first_seen_ns,
+        })
+    }
+
+    fn publish(&self, fingerprint: &str, workload: &str, node: &str, first_seen_ns: u64) {
+        SharedBindings::publish(self, fingerprint, workload, node, first_seen_ns)
+    }
+}

@@ -354,6 +354,19 @@ impl ClickHouseSink {
         Ok(sink)
     }
 
+    /// Like [`ClickHouseSink::start`], with the writer on a thread and runtime of its own:
+    /// for synchronous callers (`monitor replay`) and for loops that seldom yield. Await or
+    /// [`SinkRuntime::block_on`] `flush`/`shutdown` and the bindings' loads as usual.
+    pub fn start_dedicated(cfg: SinkConfig) -> Result<(ClickHouseSink, SinkRuntime)> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("clickhouse-sink")
+            .enable_all()
+            .build()?;
+        let sink = rt.block_on(ClickHouseSink::start(cfg))?;
+        Ok((sink, SinkRuntime { rt: Some(rt) }))
+    }
+
     fn offer(&self, m: Msg, rows: u64) {
         if self.inner.tx.try_send(m).is_err() {
             let c = &self.inner.counters;
@@ -462,6 +475,33 @@ impl ClickHouseSink {
 
     pub fn database(&self) -> &str {
         &self.inner.schema.database
+    }
+}
+
+/// The runtime of a writer started by [`ClickHouseSink::start_dedicated`]; dropping it stops
+/// the writer (shut it down first to send what is queued).
+pub struct SinkRuntime {
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl SinkRuntime {
+    /// Runs a future (a flush, a bindings load) to completion from synchronous code; not
+    /// inside another runtime: there, await it.
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.as_ref().expect("runtime").block_on(f)
+    }
+
+    pub fn handle(&self) -> &tokio::runtime::Handle {
+        self.rt.as_ref().expect("runtime").handle()
+    }
+}
+
+impl Drop for SinkRuntime {
+    fn drop(&mut self) {
+        // Allowed inside another runtime too, unlike dropping it.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
     }
 }
 

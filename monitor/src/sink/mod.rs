@@ -9,4 +9,4 @@ pub mod schema;
 pub mod spool;
 
 pub use bindings::{RemoteBinding, SharedBindings};
-pub use clickhouse::{ClickHouseArgs, ClickHouseSink, SinkConfig, SinkStats};
+pub use clickhouse::{ClickHouseArgs, ClickHouseSink, SinkConfig, SinkRuntime, SinkStats};

@@ -83,17 +83,20 @@ impl Server {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// (Re)starts it on the same directory and port.
-    pub fn up(&self) {
+    /// (Re)starts it on the same directory and port; returns what xtask said.
+    pub fn up(&self) -> String {
         let t = Instant::now();
         let dir = self.dir().to_string_lossy().into_owned();
         let port = self.port.to_string();
         match xtask(&["up", "--dir", &dir, "--http-port", &port, "--tcp-port", "0"]) {
-            Ok(out) => eprintln!(
-                "clickhouse: {} ({:.1}s)",
-                out.trim(),
-                t.elapsed().as_secs_f64()
-            ),
+            Ok(out) => {
+                eprintln!(
+                    "clickhouse: {} ({:.1}s)",
+                    out.trim(),
+                    t.elapsed().as_secs_f64()
+                );
+                out
+            }
             Err(out) => {
                 panic!("cannot start ClickHouse for the test (cargo xtask clickhouse up):\n{out}")
             }
@@ -106,6 +109,11 @@ impl Server {
             .trim()
             .parse()
             .ok()
+    }
+
+    /// `cargo xtask clickhouse status`: Ok(what it said) when up.
+    pub fn status(&self) -> Result<String, String> {
+        xtask(&["status", "--dir", &self.dir().to_string_lossy()])
     }
 
     /// SIGKILL, as a crash would; returns when the process is gone.
