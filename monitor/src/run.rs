@@ -248,7 +248,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     info!(new = n, "attached to newly loaded TLS libraries");
                 }
             }
-            _ = sighup.recv() => outputs.reload(),
+            _ = sighup.recv() => {
+                // What happened before the reload is judged by the rules it happened under.
+                drain(ring.get_mut(), &mut ctx, &mut recs)?;
+                outputs.write(&mut recs);
+                outputs.reload();
+            }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }

@@ -113,33 +113,14 @@ pub fn demo() -> Result<()> {
 
     let tokens: Vec<String> = WORKLOADS.iter().map(|w| token(w)).collect();
     let curl = |who: usize, url: &str, tok: &str| -> Result<()> {
-        let resolve: Vec<String> = ["orders", "ledger", "admin"]
-            .iter()
-            .map(|h| format!("{h}.shop.test:443:{}", lab.server_ip))
-            .collect();
-        let cert = nginx.cert.display().to_string();
-        let auth = format!("Authorization: Bearer {tok}");
         let method = if url.contains("/api/ledger") {
             "POST"
         } else {
             "GET"
         };
-        let mut argv = vec![
-            "curl",
-            "-sS",
-            "-o",
-            "/dev/null",
-            "-X",
-            method,
-            "--cacert",
-            &cert,
-            "-H",
-            &auth,
-        ];
-        for r in &resolve {
-            argv.extend(["--resolve", r.as_str()]);
-        }
-        argv.push(url);
+        let auth = format!("Authorization: Bearer {tok}");
+        let argv = testbed::curl_args(&lab, &nginx, &[auth], &["-X", method], url);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         println!(
             "   {:<9} {} {url}",
             WORKLOADS[who],
