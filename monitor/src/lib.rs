@@ -7,6 +7,7 @@ pub mod credential;
 pub mod detect;
 pub mod event;
 pub mod identity;
+pub mod metrics;
 pub mod notify;
 pub mod parse;
 pub mod pipeline;

@@ -49,8 +49,126 @@ pub struct RunArgs {
     /// Node name carried in events and records (default: the host name).
     #[arg(long, env = "MONITOR_NODE")]
     pub node: Option<String>,
+    /// Serve Prometheus metrics (`/metrics`) and readiness (`/ready`: 200 once every probe
+    /// is attached) on this address, e.g. 127.0.0.1:9464. Off unless given.
+    #[arg(long, env = "MONITOR_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub detect: crate::outputs::DetectArgs,
+}
+
+/// What `/metrics` and `/ready` answer, refreshed by the capture loop.
+#[derive(Default)]
+struct Exposed {
+    text: String,
+    ready: bool,
+}
+
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    exposed: std::sync::Arc<std::sync::Mutex<Exposed>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let exposed = exposed.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let line = String::from_utf8_lossy(&buf[..n]);
+            let (status, ctype, body) = {
+                let e = exposed.lock().unwrap_or_else(|p| p.into_inner());
+                if line.starts_with("GET /metrics") {
+                    ("200 OK", "text/plain; version=0.0.4", e.text.clone())
+                } else if line.starts_with("GET /ready") {
+                    if e.ready {
+                        ("200 OK", "text/plain", "ready\n".into())
+                    } else {
+                        (
+                            "503 Service Unavailable",
+                            "text/plain",
+                            "not ready\n".into(),
+                        )
+                    }
+                } else {
+                    (
+                        "404 Not Found",
+                        "text/plain",
+                        "try /metrics or /ready\n".into(),
+                    )
+                }
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = sock.write_all(head.as_bytes()).await;
+            let _ = sock.write_all(body.as_bytes()).await;
+        });
+    }
+}
+
+fn metrics_text(
+    probes: &Probes,
+    pipe: &monitor::pipeline::PipelineStats,
+    detect: &monitor::detect::DetectStats,
+) -> String {
+    use monitor::metrics::{Family, from_json, render};
+    let mut fams = vec![
+        Family::gauge("build_info", "build of the running monitor")
+            .sample(&[("version", env!("CARGO_PKG_VERSION"))], 1.0),
+        Family::gauge("ready", "1 when every probe is attached").sample(&[], 1.0),
+        Family::gauge(
+            "tls_libraries_attached",
+            "TLS library files with probes attached",
+        )
+        .sample(&[], probes.attached_libraries() as f64),
+    ];
+    if let Ok(stats) = probes.stats() {
+        let mut hits = Family::counter("probe_hits", "program runs, per kernel program");
+        let mut events = Family::counter("events", "records sent to userspace, per kernel program");
+        let mut lost = Family::counter(
+            "events_lost",
+            "records the ring buffer had no room for, per kernel program",
+        );
+        let mut trunc = Family::counter(
+            "events_truncated",
+            "calls copied only in part, per kernel program",
+        );
+        let mut skipped = Family::counter(
+            "events_skipped",
+            "responses kept in the kernel, per kernel program",
+        );
+        for s in &stats {
+            let l = [("program", s.program)];
+            hits.push(&l, s.hits as f64);
+            events.push(&l, s.events as f64);
+            lost.push(&l, s.lost as f64);
+            trunc.push(&l, s.truncated as f64);
+            skipped.push(&l, s.skipped as f64);
+        }
+        fams.extend([hits, events, lost, trunc, skipped]);
+    }
+    let mut alerts = Family::counter("alerts", "alerts raised, per rule id");
+    for (rule, n) in &detect.alerts_by_rule {
+        alerts.push(&[("rule", rule)], *n as f64);
+    }
+    fams.push(alerts);
+    if let Ok(v) = serde_json::to_value(pipe) {
+        from_json("pipeline", &v, &mut fams);
+    }
+    if let Ok(mut v) = serde_json::to_value(detect) {
+        if let Some(m) = v.as_object_mut() {
+            m.remove("alerts_by_rule");
+        }
+        from_json("detect", &v, &mut fams);
+    }
+    render(&fams)
 }
 
 /// The event log: plaintext on disk, so owner-only and announced loudly.
@@ -217,6 +335,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut sighup = signal(SignalKind::hangup())?;
     let mut recs = Vec::new();
     let mut latency = Latency::default();
+    let exposed = std::sync::Arc::new(std::sync::Mutex::new(Exposed::default()));
+    if let Some(addr) = args.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding --metrics-addr {addr}"))?;
+        info!(%addr, "metrics on /metrics, readiness on /ready");
+        tokio::spawn(serve_metrics(listener, exposed.clone()));
+    }
+    let mut metrics_tick = tokio::time::interval(Duration::from_secs(1));
     info!(libraries = probes.attached_libraries(), "monitor ready");
 
     loop {
@@ -247,6 +374,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 if n > 0 {
                     info!(new = n, "attached to newly loaded TLS libraries");
                 }
+            }
+            _ = metrics_tick.tick(), if args.metrics_addr.is_some() => {
+                let text = metrics_text(&probes, &ctx.pipe.stats, &outputs.detector.stats);
+                let mut e = exposed.lock().unwrap_or_else(|p| p.into_inner());
+                e.text = text;
+                e.ready = true;
             }
             _ = sighup.recv() => {
                 // What happened before the reload is judged by the rules it happened under.

@@ -422,3 +422,58 @@ fn egress_probe_set_reports_requests_and_keeps_responses_in_the_kernel() {
     assert!(skipped >= 3, "{:#?}", out.summary["kernel"]);
     assert_eq!(out.events_lost(), 0);
 }
+
+/// GET on the monitor's metrics address; (status line, body).
+fn http_get(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+fn metric(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {series} in:\n{body}"))
+}
+
+#[test]
+fn metrics_count_the_traffic_the_test_caused() {
+    let _g = serial();
+    let s = setup();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mon = Monitor::start(&["--metrics-addr", &addr]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !http_get(&addr, "/ready").0.contains("200") {
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let tok = token();
+    for i in 0..3 {
+        s.curl(&format!("https://server.test/metered/{i}"), &[bearer(&tok)]);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let (status, body) = http_get(&addr, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    // Three requests, each seen by curl (SSL_write) and by nginx (SSL_read), with a token
+    // each; the test's own plaintext GET /ready is a request too, without credentials.
+    assert!(metric(&body, "monitor_events_total{program=\"ssl_write\"}") >= 3.0);
+    assert!(metric(&body, "monitor_pipeline_requests") >= 6.0, "{body}");
+    assert_eq!(metric(&body, "monitor_pipeline_credentials"), 6.0, "{body}");
+    assert_eq!(
+        metric(&body, "monitor_events_lost_total{program=\"ssl_write\"}"),
+        0.0
+    );
+    assert_eq!(metric(&body, "monitor_ready"), 1.0);
+    assert!(!body.contains(&tok));
+    assert!(http_get(&addr, "/nope").0.contains("404"));
+    mon.stop();
+}
