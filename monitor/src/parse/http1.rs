@@ -136,9 +136,7 @@ impl Http1Parser {
         self.buf.extend_from_slice(data);
         let mut pos = 0;
         let r = self.process(&mut pos, out);
-        // Consumed bytes may hold credentials: zero them before they are released.
-        self.buf[..pos].zeroize();
-        self.buf.drain(..pos);
+        super::release_consumed(&mut self.buf, pos);
         if r.is_ok() && self.buf.len() > MAX_HEAD {
             self.reset();
             return Err(ParseError::HeadTooLarge);

@@ -135,8 +135,7 @@ impl PostgresParser {
         self.buf.extend_from_slice(data);
         let mut pos = 0;
         let r = self.process(&mut pos, out);
-        self.buf[..pos].zeroize();
-        self.buf.drain(..pos);
+        super::release_consumed(&mut self.buf, pos);
         if self.state == State::Done {
             self.buf.clear();
         }

@@ -120,8 +120,7 @@ impl RedisParser {
         self.buf.extend_from_slice(data);
         let mut pos = 0;
         let r = self.process(&mut pos, out);
-        self.buf[..pos].zeroize();
-        self.buf.drain(..pos);
+        super::release_consumed(&mut self.buf, pos);
         if r.is_err() {
             self.reset();
         }
