@@ -21,12 +21,20 @@ pub const KIND_CLOSE: u8 = 3;
 /// A process executed a program; data is the file name. Reading /proc later would race with
 /// short-lived clients that exit before their events are processed.
 pub const KIND_EXEC: u8 = 4;
+/// A process mapped a file executable (a library arriving by `dlopen` or at start); data is
+/// the file's name (its last path component), enough to decide whether to look at it.
+pub const KIND_MMAP: u8 = 5;
+/// A process (thread-group leader) exited: its libraries may no longer be in use.
+pub const KIND_EXIT: u8 = 6;
 
 pub const DIR_EGRESS: u8 = 0;
 pub const DIR_INGRESS: u8 = 1;
 
 pub const SOURCE_SYSCALL: u8 = 0;
 pub const SOURCE_OPENSSL: u8 = 1;
+pub const SOURCE_GNUTLS: u8 = 2;
+/// Go's `crypto/tls` (`(*Conn).Write` / `(*Conn).Read`).
+pub const SOURCE_GO: u8 = 3;
 
 /// The call copied more than `MAX_CHUNKS * MAX_DATA` bytes; the rest was not copied.
 pub const FLAG_TRUNCATED: u8 = 1;
@@ -202,7 +210,12 @@ pub const PROG_SYS_READ: u32 = 4;
 pub const PROG_SYS_READ_RET: u32 = 5;
 pub const PROG_SYS_CLOSE: u32 = 6;
 pub const PROG_EXEC: u32 = 7;
-pub const PROG_COUNT: u32 = 8;
+pub const PROG_MMAP: u32 = 8;
+pub const PROG_EXIT: u32 = 9;
+pub const PROG_GO_WRITE: u32 = 10;
+pub const PROG_GO_READ: u32 = 11;
+pub const PROG_GO_READ_RET: u32 = 12;
+pub const PROG_COUNT: u32 = 13;
 
 pub const PROG_NAMES: [&str; PROG_COUNT as usize] = [
     "ssl_write",
@@ -213,6 +226,11 @@ pub const PROG_NAMES: [&str; PROG_COUNT as usize] = [
     "sys_read_ret",
     "sys_close",
     "exec",
+    "mmap",
+    "exit",
+    "go_write",
+    "go_read",
+    "go_read_ret",
 ];
 
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [

@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Result, bail};
 use monitor_common::{
     AF_INET, AF_INET6, DIR_INGRESS, EventHeader, FLAG_NO_FLOW, HEADER_LEN, KIND_CLOSE, KIND_DATA,
-    KIND_EXEC, KIND_TLS_BIND, SOURCE_OPENSSL,
+    KIND_EXEC, KIND_EXIT, KIND_MMAP, KIND_TLS_BIND, SOURCE_GNUTLS, SOURCE_GO, SOURCE_OPENSSL,
 };
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +21,10 @@ pub enum Kind {
     Close,
     /// A program was executed; `data` is its file name.
     Exec,
+    /// A file was mapped executable; `data` is its name. Drives attaching to new libraries.
+    Mmap,
+    /// A process exited. Drives detaching from libraries nobody maps any more.
+    Exit,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -36,6 +40,8 @@ pub enum Direction {
 pub enum Source {
     Syscall,
     Openssl,
+    Gnutls,
+    Go,
 }
 
 impl Source {
@@ -47,6 +53,17 @@ impl Source {
         match self {
             Source::Syscall => None,
             Source::Openssl => Some("openssl"),
+            Source::Gnutls => Some("gnutls"),
+            Source::Go => Some("go"),
+        }
+    }
+
+    fn from_kernel(source: u8) -> Self {
+        match source {
+            SOURCE_OPENSSL => Source::Openssl,
+            SOURCE_GNUTLS => Source::Gnutls,
+            SOURCE_GO => Source::Go,
+            _ => Source::Syscall,
         }
     }
 }
@@ -127,14 +144,12 @@ impl Event {
             KIND_TLS_BIND => Kind::TlsBind,
             KIND_CLOSE => Kind::Close,
             KIND_EXEC => Kind::Exec,
+            KIND_MMAP => Kind::Mmap,
+            KIND_EXIT => Kind::Exit,
             k => bail!("unknown record kind {k}"),
         };
         let comm_len = h.comm.iter().position(|&b| b == 0).unwrap_or(h.comm.len());
-        let source = if h.source == SOURCE_OPENSSL {
-            Source::Openssl
-        } else {
-            Source::Syscall
-        };
+        let source = Source::from_kernel(h.source);
         Ok(Event {
             v: LOG_VERSION,
             kind,
@@ -154,11 +169,7 @@ impl Event {
             } else {
                 Direction::Egress
             },
-            source: if h.source == SOURCE_OPENSSL {
-                Source::Openssl
-            } else {
-                Source::Syscall
-            },
+            source,
             conn: h.conn,
             sk: h.sk,
             fd: h.fd,

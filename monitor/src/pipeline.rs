@@ -192,8 +192,8 @@ impl Pipeline {
                     self.conns.remove(&k);
                 }
             }
-            // Consumed by identity enrichment.
-            Kind::Exec => {}
+            // Consumed by identity enrichment and by the attacher.
+            Kind::Exec | Kind::Mmap | Kind::Exit => {}
         }
         self.stats.conns = self.conns.len();
     }

@@ -130,16 +130,12 @@ impl Probes {
                     .with_context(|| format!("attaching {prog} to syscalls:{tp}"))?;
             }
         }
-        let uprobes: &[&str] = match set {
-            ProbeSet::Full => &["ssl_write", "ssl_read", "ssl_read_ex", "ssl_read_ret"],
-            ProbeSet::Egress => &["ssl_write"],
-        };
-        for name in uprobes {
-            let p: &mut UProbe = ebpf
-                .program_mut(name)
-                .context("uprobe missing")?
-                .try_into()?;
-            p.load().with_context(|| format!("loading {name}"))?;
+        // Every uprobe in the object is loaded (cheap); which ones attach depends on `set`
+        // and on the library each target uses.
+        for (name, prog) in ebpf.programs_mut() {
+            if let aya::programs::Program::UProbe(p) = prog {
+                p.load().with_context(|| format!("loading {name}"))?;
+            }
         }
         info!(probes = ?set, tracepoints = TRACEPOINTS.len(), "kernel programs loaded");
         Ok(Self {
