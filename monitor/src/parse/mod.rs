@@ -236,6 +236,13 @@ impl Parser {
     }
 }
 
+/// Drops the first `n` bytes of a parser's buffer, zeroed first: they may hold credentials,
+/// and a drained `Vec` would leave them behind in freed or spare capacity.
+pub(crate) fn release_consumed(buf: &mut Vec<u8>, n: usize) {
+    zeroize::Zeroize::zeroize(&mut buf[..n]);
+    buf.drain(..n);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,11 +350,4 @@ mod tests {
             }
         }
     }
-}
-
-/// Drops the first `n` bytes of a parser's buffer, zeroed first: they may hold credentials,
-/// and a drained `Vec` would leave them behind in freed or spare capacity.
-pub(crate) fn release_consumed(buf: &mut Vec<u8>, n: usize) {
-    zeroize::Zeroize::zeroize(&mut buf[..n]);
-    buf.drain(..n);
 }
