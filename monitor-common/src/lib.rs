@@ -149,7 +149,14 @@ pub struct SslActive {
     /// `size_t *readbytes` of SSL_read_ex, 0 for SSL_read.
     pub out_len: u64,
     pub is_read: u32,
-    pub _pad: u32,
+    /// The library whose call this is (`SOURCE_*`), for the events and binds it leads to.
+    pub source: u32,
+}
+
+impl SslActive {
+    pub fn source(&self) -> u8 {
+        self.source as u8
+    }
 }
 
 /// Key of the map from an SSL object to its socket.

@@ -334,7 +334,7 @@ unsafe fn first_bytes(shape: u32, arg: u64) -> [u8; 3] {
 
 /// Ties an SSL object to the socket its nested syscall used; reports it when new or changed.
 #[inline(always)]
-unsafe fn bind(prog: u32, pid_tgid: u64, ssl: u64, fd: i32, sk: usize) {
+unsafe fn bind(prog: u32, source: u8, pid_tgid: u64, ssl: u64, fd: i32, sk: usize) {
     let key = SslKey {
         tgid: pid_tgid >> 32,
         ssl,
@@ -350,7 +350,7 @@ unsafe fn bind(prog: u32, pid_tgid: u64, ssl: u64, fd: i32, sk: usize) {
         begin(
             KIND_TLS_BIND,
             DIR_EGRESS,
-            SOURCE_OPENSSL,
+            source,
             ssl,
             sk,
             fd,
@@ -410,11 +410,11 @@ unsafe fn on_send(ctx: &TracePointContext, shape: u32) -> Option<()> {
         let sk = tcp_sock_of_fd(fd)?;
         if let Some(a) = ACTIVE.get(&pid_tgid) {
             if a.is_read == 0 {
-                let ssl = a.ssl;
+                let (ssl, source) = (a.ssl, a.source());
                 let _ = ACTIVE.remove(&pid_tgid);
                 // SSL_write has no return probe: only a TLS record proves the nesting.
                 if looks_like_tls_record(&first_bytes(shape, arg)) {
-                    bind(PROG_SYS_WRITE, pid_tgid, ssl, fd as i32, sk);
+                    bind(PROG_SYS_WRITE, source, pid_tgid, ssl, fd as i32, sk);
                     return None;
                 }
             }
@@ -471,7 +471,7 @@ unsafe fn on_recv_enter(ctx: &TracePointContext, shape: u32) -> Option<()> {
         let sk = tcp_sock_of_fd(fd)?;
         if let Some(a) = ACTIVE.get(&pid_tgid) {
             if a.is_read != 0 {
-                bind(PROG_SYS_READ, pid_tgid, a.ssl, fd as i32, sk);
+                bind(PROG_SYS_READ, a.source(), pid_tgid, a.ssl, fd as i32, sk);
                 return None;
             }
         }
@@ -634,12 +634,12 @@ const MAX_PATH: usize = 512;
 /// complete at entry, so no return probe is needed on the sending side.
 #[uprobe]
 pub fn ssl_write(ctx: ProbeContext) -> u32 {
-    unsafe { on_ssl_write(&ctx) };
+    unsafe { on_ssl_write(&ctx, SOURCE_OPENSSL) };
     0
 }
 
 #[inline(always)]
-unsafe fn on_ssl_write(ctx: &ProbeContext) -> Option<()> {
+unsafe fn on_ssl_write(ctx: &ProbeContext, source: u8) -> Option<()> {
     let pid_tgid = bpf_get_current_pid_tgid();
     if is_self(pid_tgid) {
         return None;
@@ -654,6 +654,7 @@ unsafe fn on_ssl_write(ctx: &ProbeContext) -> Option<()> {
     }
     let active = SslActive {
         ssl,
+        source: source as u32,
         ..Default::default()
     };
     let _ = ACTIVE.insert(&pid_tgid, &active, 0);
@@ -667,7 +668,7 @@ unsafe fn on_ssl_write(ctx: &ProbeContext) -> Option<()> {
         let ev = begin(
             KIND_DATA,
             DIR_EGRESS,
-            SOURCE_OPENSSL,
+            source,
             ssl,
             sk,
             fd,
@@ -682,19 +683,19 @@ unsafe fn on_ssl_write(ctx: &ProbeContext) -> Option<()> {
 /// `SSL_read(ssl, buf, num)`: remember the buffer; the data is there at return.
 #[uprobe]
 pub fn ssl_read(ctx: ProbeContext) -> u32 {
-    unsafe { on_ssl_read(&ctx, false) };
+    unsafe { on_ssl_read(&ctx, false, SOURCE_OPENSSL) };
     0
 }
 
 /// `SSL_read_ex(ssl, buf, num, size_t *readbytes)`.
 #[uprobe]
 pub fn ssl_read_ex(ctx: ProbeContext) -> u32 {
-    unsafe { on_ssl_read(&ctx, true) };
+    unsafe { on_ssl_read(&ctx, true, SOURCE_OPENSSL) };
     0
 }
 
 #[inline(always)]
-unsafe fn on_ssl_read(ctx: &ProbeContext, ex: bool) -> Option<()> {
+unsafe fn on_ssl_read(ctx: &ProbeContext, ex: bool, source: u8) -> Option<()> {
     let pid_tgid = bpf_get_current_pid_tgid();
     if is_self(pid_tgid) {
         return None;
@@ -706,7 +707,7 @@ unsafe fn on_ssl_read(ctx: &ProbeContext, ex: bool) -> Option<()> {
         len: ctx.arg::<u64>(2)?,
         out_len: if ex { ctx.arg(3)? } else { 0 },
         is_read: 1,
-        _pad: 0,
+        source: source as u32,
     };
     let _ = ACTIVE.insert(&pid_tgid, &active, 0);
     Some(())
@@ -750,7 +751,7 @@ unsafe fn on_ssl_read_ret(ctx: &RetProbeContext) -> Option<()> {
         let ev = begin(
             KIND_DATA,
             DIR_INGRESS,
-            SOURCE_OPENSSL,
+            a.source(),
             a.ssl,
             sk,
             fd,
