@@ -121,6 +121,20 @@ pub struct KernelOffsets {
     pub sock_v6_rcv_saddr: u32,
     pub sock_net: u32,
     pub net_ns_inum: u32,
+    pub inode_ino: u32,
+    pub inode_sb: u32,
+    pub sb_dev: u32,
+}
+
+/// Data of a `KIND_MMAP` record: the mapped file, as the kernel identifies it. Userspace keeps
+/// a verdict per file, so a library seen before costs no look at /proc.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MmapInfo {
+    /// `super_block.s_dev` (kernel encoding: major << 20 | minor).
+    pub dev: u32,
+    pub prot: u32,
+    pub ino: u64,
 }
 
 /// Settings the loader writes into the programs' read-only data.

@@ -1,10 +1,14 @@
 //! Kernel side of the credential-reuse monitor.
 //!
 //! Two sources of plaintext:
-//! - OpenSSL uprobes (`SSL_write`/`SSL_write_ex` at entry, `SSL_read`/`SSL_read_ex` at entry and
-//!   return) copy the buffer before encryption / after decryption;
-//! - socket syscall tracepoints copy plaintext TCP traffic, and, when they run nested inside an
-//!   SSL call on the same thread, tie that `SSL *` to its socket (fd, flow) instead.
+//! - TLS library uprobes (OpenSSL `SSL_write`/`SSL_read` and `_ex`, GnuTLS
+//!   `gnutls_record_send`/`_recv`, at entry and return) copy what was written before
+//!   encryption / read after decryption;
+//! - socket syscall tracepoints copy plaintext TCP traffic, and, when they carry the TLS records
+//!   of an SSL call of the same thread (inside it, or right after a write through a memory
+//!   BIO), tie that `SSL *` to its socket (fd, flow) instead.
+//!
+//! Exec, executable mmap and process exit tracepoints tell userspace what to attach to.
 //!
 //! Programs only copy and count; parsing happens in userspace. Nothing logs per event.
 #![no_std]
@@ -40,6 +44,20 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(PROG_COUNT * STAT
 /// Threads inside an SSL call (entry seen, nested syscall or return not yet).
 #[map]
 static ACTIVE: HashMap<u64, SslActive> = HashMap::with_max_entries(16384, 0);
+/// SSL_write calls between entry and return.
+#[map]
+static WRITES: HashMap<u64, SslActive> = HashMap::with_max_entries(16384, 0);
+/// Per SSL object, bytes already reported that the library has not taken yet: a write that
+/// failed for want of I/O (or took only part) must be retried with the same data (possibly
+/// from another address: Node moves its buffer), and the retry is not reported again. Data is
+/// copied at entry, not return, so that it reaches userspace before the peer's copy does.
+#[map]
+static UNSENT: LruHashMap<SslKey, u64> = LruHashMap::with_max_entries(65536, 0);
+/// Per thread, the SSL object of its last SSL_write, until a TLS record leaves the thread:
+/// that record is its ciphertext, whether written inside the call (blocking sockets) or just
+/// after it (memory BIOs, as in Node's event loop).
+#[map]
+static WRITE_MARK: LruHashMap<u64, SslActive> = LruHashMap::with_max_entries(16384, 0);
 /// SSL object → its socket, learnt from the syscall nested in an SSL call.
 #[map]
 static SSL_CONN: LruHashMap<SslKey, SslConn> = LruHashMap::with_max_entries(65536, 0);
@@ -87,9 +105,9 @@ unsafe fn kread<T>(base: usize, off: usize) -> Option<T> {
     unsafe { bpf_probe_read_kernel((base + off) as *const T).ok() }
 }
 
-/// `struct sock *` behind `fd` of the current task, if it is a TCP socket (IPv4 or IPv6).
+/// `struct file *` behind `fd` of the current task.
 #[inline(always)]
-unsafe fn tcp_sock_of_fd(fd: i64) -> Option<usize> {
+unsafe fn file_of_fd(fd: i64) -> Option<usize> {
     if fd < 0 {
         return None;
     }
@@ -103,9 +121,15 @@ unsafe fn tcp_sock_of_fd(fd: i64) -> Option<usize> {
         }
         let fd_array: usize = kread(fdt, off!(fdt_fd))?;
         let file: usize = kread(fd_array, fd as usize * 8)?;
-        if file == 0 {
-            return None;
-        }
+        (file != 0).then_some(file)
+    }
+}
+
+/// `struct sock *` behind `fd` of the current task, if it is a TCP socket (IPv4 or IPv6).
+#[inline(always)]
+unsafe fn tcp_sock_of_fd(fd: i64) -> Option<usize> {
+    unsafe {
+        let file = file_of_fd(fd)?;
         let inode: usize = kread(file, off!(file_inode))?;
         let mode: u16 = kread(inode, off!(inode_mode))?;
         if mode & 0o170000 != 0o140000 {
@@ -210,6 +234,19 @@ fn output(prog: u32, ev: &DataEvent, len: usize) {
         BPF_RB_NO_WAKEUP
     };
     match EVENTS.output::<[u8]>(bytes, flags) {
+        Ok(()) => stat(prog, STAT_EVENTS),
+        Err(_) => stat(prog, STAT_LOST),
+    }
+}
+
+/// For records that drive attaching (exec, mmap): the reader must see them at once, since the
+/// process is about to make its first TLS call.
+#[inline(always)]
+fn output_now(prog: u32, ev: &DataEvent, len: usize) {
+    let bytes = unsafe {
+        core::slice::from_raw_parts(ev as *const DataEvent as *const u8, HEADER_LEN + len)
+    };
+    match EVENTS.output::<[u8]>(bytes, BPF_RB_FORCE_WAKEUP) {
         Ok(()) => stat(prog, STAT_EVENTS),
         Err(_) => stat(prog, STAT_LOST),
     }
@@ -371,24 +408,26 @@ unsafe fn bind(prog: u32, source: u8, pid_tgid: u64, ssl: u64, fd: i32, sk: usiz
     output(prog, ev, 0);
 }
 
-/// True when the thread is inside an SSL call whose object is already tied to `fd`: the
-/// syscall is that call's ciphertext and needs no look at the socket at all.
+/// True when the thread is inside an SSL call (or, for writes, just after one) whose object
+/// is already tied to `fd`: the syscall is that call's ciphertext and needs no look at the
+/// socket at all.
 #[inline(always)]
 unsafe fn nested_in_bound_ssl(pid_tgid: u64, fd: i64, reading: bool) -> bool {
-    let Some(a) = (unsafe { ACTIVE.get(&pid_tgid) }) else {
+    let a = if reading {
+        unsafe { ACTIVE.get(&pid_tgid) }
+    } else {
+        unsafe { WRITE_MARK.get(&pid_tgid) }
+    };
+    let Some(a) = a else {
         return false;
     };
-    if (a.is_read != 0) != reading {
-        return false;
-    }
     let key = SslKey {
         tgid: pid_tgid >> 32,
         ssl: a.ssl,
     };
     let bound = unsafe { SSL_CONN.get(&key) }.is_some_and(|c| c.fd as i64 == fd);
     if bound && !reading {
-        // SSL_write has no return probe: its marker ends with its first syscall.
-        let _ = ACTIVE.remove(&pid_tgid);
+        let _ = WRITE_MARK.remove(&pid_tgid);
     }
     bound
 }
@@ -408,15 +447,14 @@ unsafe fn on_send(ctx: &TracePointContext, shape: u32) -> Option<()> {
             return None;
         }
         let sk = tcp_sock_of_fd(fd)?;
-        if let Some(a) = ACTIVE.get(&pid_tgid) {
-            if a.is_read == 0 {
-                let (ssl, source) = (a.ssl, a.source());
-                let _ = ACTIVE.remove(&pid_tgid);
-                // SSL_write has no return probe: only a TLS record proves the nesting.
-                if looks_like_tls_record(&first_bytes(shape, arg)) {
-                    bind(PROG_SYS_WRITE, source, pid_tgid, ssl, fd as i32, sk);
-                    return None;
-                }
+        if let Some(m) = WRITE_MARK.get(&pid_tgid) {
+            // Only a TLS record is the last SSL_write's ciphertext; other writes of the thread
+            // (plaintext sockets, logs) leave the mark in place.
+            if looks_like_tls_record(&first_bytes(shape, arg)) {
+                let (ssl, source) = (m.ssl, m.source());
+                let _ = WRITE_MARK.remove(&pid_tgid);
+                bind(PROG_SYS_WRITE, source, pid_tgid, ssl, fd as i32, sk);
+                return None;
             }
         }
         if TLS_SOCKS.get(&(sk as u64)).is_some() {
@@ -470,10 +508,8 @@ unsafe fn on_recv_enter(ctx: &TracePointContext, shape: u32) -> Option<()> {
         }
         let sk = tcp_sock_of_fd(fd)?;
         if let Some(a) = ACTIVE.get(&pid_tgid) {
-            if a.is_read != 0 {
-                bind(PROG_SYS_READ, a.source(), pid_tgid, a.ssl, fd as i32, sk);
-                return None;
-            }
+            bind(PROG_SYS_READ, a.source(), pid_tgid, a.ssl, fd as i32, sk);
+            return None;
         }
         if TLS_SOCKS.get(&(sk as u64)).is_some() {
             return None;
@@ -622,7 +658,7 @@ unsafe fn on_exec(ctx: &TracePointContext) -> Option<()> {
         };
         let n = if n > MAX_PATH { MAX_PATH } else { n };
         ev.header.len = n as u32;
-        output(PROG_EXEC, ev, n);
+        output_now(PROG_EXEC, ev, n);
     }
     Some(())
 }
@@ -630,38 +666,130 @@ unsafe fn on_exec(ctx: &TracePointContext) -> Option<()> {
 /// Longest executable path reported.
 const MAX_PATH: usize = 512;
 
-/// `SSL_write(ssl, buf, num)` and `SSL_write_ex(ssl, buf, num, written)`: the plaintext is
-/// complete at entry, so no return probe is needed on the sending side.
-#[uprobe]
-pub fn ssl_write(ctx: ProbeContext) -> u32 {
-    unsafe { on_ssl_write(&ctx, SOURCE_OPENSSL) };
+const PROT_EXEC: u64 = 4;
+
+/// `syscalls:sys_enter_mmap` of a file mapped executable: a library (or interpreter-loaded
+/// code) arriving, so the daemon can attach to it before its first TLS call, without polling.
+/// Only the file's identity goes up; a file seen before costs userspace a hash lookup.
+#[tracepoint]
+pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
+    unsafe { on_mmap(&ctx) };
     0
 }
 
 #[inline(always)]
-unsafe fn on_ssl_write(ctx: &ProbeContext, source: u8) -> Option<()> {
+unsafe fn on_mmap(ctx: &TracePointContext) -> Option<()> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 == unsafe { read_volatile(addr_of!(CONFIG.self_tgid)) } {
+        return None;
+    }
+    unsafe {
+        let prot: u64 = ctx.read_at(32).ok()?;
+        if prot & PROT_EXEC == 0 {
+            return None;
+        }
+        let fd: i64 = ctx.read_at(48).ok()?;
+        let file = file_of_fd(fd)?;
+        stat(PROG_MMAP, STAT_HITS);
+        let inode: usize = kread(file, off!(file_inode))?;
+        let sb: usize = kread(inode, off!(inode_sb))?;
+        let info = MmapInfo {
+            dev: kread(sb, off!(sb_dev)).unwrap_or(0),
+            prot: prot as u32,
+            ino: kread(inode, off!(inode_ino))?,
+        };
+        let ev = begin(KIND_MMAP, DIR_EGRESS, SOURCE_SYSCALL, 0, 0, fd as i32, 0, None)?;
+        let n = core::mem::size_of::<MmapInfo>();
+        core::ptr::write_unaligned(ev.data.as_mut_ptr() as *mut MmapInfo, info);
+        ev.header.len = n as u32;
+        output_now(PROG_MMAP, ev, n);
+    }
+    Some(())
+}
+
+/// `sched:sched_process_exit` of a process's last thread: its libraries may be unused now.
+#[tracepoint]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 == unsafe { read_volatile(addr_of!(CONFIG.self_tgid)) } {
+        return 0;
+    }
+    // `bool group_dead` at offset 32: the whole thread group is gone.
+    if unsafe { ctx.read_at::<u8>(32) }.unwrap_or(0) == 0 {
+        return 0;
+    }
+    stat(PROG_EXIT, STAT_HITS);
+    if let Some(ev) =
+        unsafe { begin(KIND_EXIT, DIR_EGRESS, SOURCE_SYSCALL, 0, 0, -1, 0, None) }
+    {
+        output(PROG_EXIT, ev, 0);
+    }
+    0
+}
+
+/// `gnutls_record_send(session, data, size)`: the same shape as `SSL_write`; its return is
+/// handled by `ssl_write_ret`.
+#[uprobe]
+pub fn gnutls_send(ctx: ProbeContext) -> u32 {
+    unsafe { on_ssl_write(&ctx, false, SOURCE_GNUTLS) };
+    0
+}
+
+/// `gnutls_record_recv(session, data, size)`: the same shape as `SSL_read`; its return is
+/// handled by `ssl_read_ret`, which takes the library from the saved call.
+#[uprobe]
+pub fn gnutls_recv(ctx: ProbeContext) -> u32 {
+    unsafe { on_ssl_read(&ctx, false, SOURCE_GNUTLS) };
+    0
+}
+
+/// `SSL_write(ssl, buf, num)` (and `gnutls_record_send`, the same shape): remember the
+/// buffer; what was written is copied at return.
+#[uprobe]
+pub fn ssl_write(ctx: ProbeContext) -> u32 {
+    unsafe { on_ssl_write(&ctx, false, SOURCE_OPENSSL) };
+    0
+}
+
+/// `SSL_write_ex(ssl, buf, num, size_t *written)`.
+#[uprobe]
+pub fn ssl_write_ex(ctx: ProbeContext) -> u32 {
+    unsafe { on_ssl_write(&ctx, true, SOURCE_OPENSSL) };
+    0
+}
+
+#[inline(always)]
+unsafe fn on_ssl_write(ctx: &ProbeContext, ex: bool, source: u8) -> Option<()> {
     let pid_tgid = bpf_get_current_pid_tgid();
     if is_self(pid_tgid) {
         return None;
     }
     stat(PROG_SSL_WRITE, STAT_HITS);
-    let ssl: u64 = ctx.arg(0)?;
-    let buf: u64 = ctx.arg(1)?;
-    // `int num` for SSL_write, `size_t` for _ex: the low half is right for both.
-    let num = ctx.arg::<u64>(2)? as u32;
-    if (num as i32) <= 0 {
+    let a = SslActive {
+        ssl: ctx.arg(0)?,
+        buf: ctx.arg(1)?,
+        // `int num` for SSL_write, `size_t` for _ex and GnuTLS.
+        len: if ex {
+            ctx.arg::<u64>(2)?
+        } else {
+            ctx.arg::<u64>(2)? as u32 as u64
+        },
+        out_len: if ex { ctx.arg(3)? } else { 0 },
+        is_read: 0,
+        source: source as u32,
+    };
+    let _ = WRITES.insert(&pid_tgid, &a, 0);
+    let _ = WRITE_MARK.insert(&pid_tgid, &a, 0);
+    if a.len == 0 || a.len > i32::MAX as u64 {
         return None;
     }
-    let active = SslActive {
-        ssl,
-        source: source as u32,
-        ..Default::default()
-    };
-    let _ = ACTIVE.insert(&pid_tgid, &active, 0);
     let key = SslKey {
         tgid: pid_tgid >> 32,
-        ssl,
+        ssl: a.ssl,
     };
+    if unsafe { UNSENT.get(&key) }.is_some_and(|left| *left == a.len) {
+        return None; // a retry: reported when first tried
+    }
     let conn = unsafe { SSL_CONN.get(&key) };
     let (sk, fd) = conn.map_or((0, -1), |c| (c.sk as usize, c.fd));
     unsafe {
@@ -669,15 +797,61 @@ unsafe fn on_ssl_write(ctx: &ProbeContext, source: u8) -> Option<()> {
             KIND_DATA,
             DIR_EGRESS,
             source,
-            ssl,
+            a.ssl,
             sk,
             fd,
-            num as u64,
+            a.len,
             conn,
         )?;
-        emit_chunks(PROG_SSL_WRITE, ev, buf, num as u64, MAX_CHUNKS);
+        emit_chunks(PROG_SSL_WRITE, ev, a.buf, a.len, MAX_CHUNKS);
     }
     Some(())
+}
+
+/// Return of `SSL_write`, `SSL_write_ex` and `gnutls_record_send`: notes what the library did
+/// not take, so its retry is not reported twice.
+#[uretprobe]
+pub fn ssl_write_ret(ctx: RetProbeContext) -> u32 {
+    unsafe { on_ssl_write_ret(&ctx) };
+    0
+}
+
+#[inline(always)]
+unsafe fn on_ssl_write_ret(ctx: &RetProbeContext) -> Option<()> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let a = unsafe { *WRITES.get(&pid_tgid)? };
+    let _ = WRITES.remove(&pid_tgid);
+    let key = SslKey {
+        tgid: pid_tgid >> 32,
+        ssl: a.ssl,
+    };
+    match unsafe { call_result(ctx, &a) } {
+        Some(n) if n >= a.len => {
+            let _ = UNSENT.remove(&key);
+        }
+        Some(n) => {
+            let _ = UNSENT.insert(&key, &(a.len - n), 0);
+        }
+        None => {
+            let _ = UNSENT.insert(&key, &a.len, 0);
+        }
+    }
+    Some(())
+}
+
+/// Bytes a read or write call moved, from its return value (and `*out_len` for the `_ex`
+/// forms); None when it failed or moved nothing.
+#[inline(always)]
+unsafe fn call_result(ctx: &RetProbeContext, a: &SslActive) -> Option<u64> {
+    if a.out_len != 0 {
+        if ctx.ret::<u64>() as u32 as i32 != 1 {
+            return None;
+        }
+        return unsafe { bpf_probe_read_user(a.out_len as *const u64).ok() };
+    }
+    // ssize_t for GnuTLS, int for OpenSSL: the low half is right for both (calls move < 2 GiB).
+    let ret = ctx.ret::<u64>() as u32 as i32;
+    (ret > 0).then_some(ret as u64)
 }
 
 /// `SSL_read(ssl, buf, num)`: remember the buffer; the data is there at return.
@@ -729,18 +903,7 @@ unsafe fn on_ssl_read_ret(ctx: &RetProbeContext) -> Option<()> {
         return None;
     }
     stat(PROG_SSL_READ_RET, STAT_HITS);
-    let ret = ctx.ret::<u64>() as u32 as i32;
-    let n: u64 = if a.out_len != 0 {
-        if ret != 1 {
-            return None;
-        }
-        unsafe { bpf_probe_read_user(a.out_len as *const u64).ok()? }
-    } else {
-        if ret <= 0 {
-            return None;
-        }
-        ret as u64
-    };
+    let n = unsafe { call_result(ctx, &a)? };
     let key = SslKey {
         tgid: pid_tgid >> 32,
         ssl: a.ssl,

@@ -13,10 +13,10 @@ use tracing::{info, warn};
 
 use monitor::{
     credential::Fingerprinter,
-    event::Event,
+    event::{Event, Kind},
     identity::{self, Identity},
     pipeline::{self, Pipeline, RequestRecord},
-    probe::{self, ProbeSet, Probes},
+    probe::{self, ProbeSet, Probes, attacher::Attacher},
 };
 
 #[derive(Args, Debug)]
@@ -34,8 +34,9 @@ pub struct RunArgs {
     /// Do not capture plaintext (non-TLS) TCP traffic.
     #[arg(long)]
     pub no_plaintext: bool,
-    /// Seconds between looks for newly loaded TLS libraries.
-    #[arg(long, default_value_t = 2)]
+    /// Also look at every process's mappings for TLS libraries and programs every N seconds
+    /// (0: never). A safety net only: they are attached as they are executed or mapped.
+    #[arg(long, default_value_t = 0)]
     pub rescan_secs: u64,
     /// Also write every captured event to FILE (JSON lines, for `monitor replay`).
     /// WARNING: the file holds captured PLAINTEXT, credentials included; it is created 0600.
@@ -115,6 +116,7 @@ async fn serve_metrics(
 
 fn metrics_text(
     probes: &Probes,
+    attach: &monitor::probe::attacher::AttachStats,
     pipe: &monitor::pipeline::PipelineStats,
     detect: &monitor::detect::DetectStats,
 ) -> String {
@@ -124,11 +126,21 @@ fn metrics_text(
             .sample(&[("version", env!("CARGO_PKG_VERSION"))], 1.0),
         Family::gauge("ready", "1 when every probe is attached").sample(&[], 1.0),
         Family::gauge(
-            "tls_libraries_attached",
-            "TLS library files with probes attached",
+            "tls_files_attached",
+            "files (TLS libraries and programs) with probes attached",
         )
-        .sample(&[], probes.attached_libraries() as f64),
+        .sample(&[], attach.attached_now as f64),
     ];
+    let mut attach_total = Family::counter(
+        "tls_attach",
+        "attach results per TLS stack: attached, failed, detached",
+    );
+    for (stack, results) in &attach.by_stack {
+        for (result, n) in results {
+            attach_total.push(&[("stack", stack), ("result", result)], *n as f64);
+        }
+    }
+    fams.push(attach_total);
     if let Ok(stats) = probes.stats() {
         let mut hits = Family::counter("probe_hits", "program runs, per kernel program");
         let mut events = Family::counter("events", "records sent to userspace, per kernel program");
@@ -256,6 +268,8 @@ fn wall_clock_ns() -> u64 {
 
 /// Everything one ring buffer record goes through, in order.
 struct Ctx {
+    probes: Probes,
+    attacher: Attacher,
     pipe: Pipeline,
     identity: Identity,
     boot_offset: i128,
@@ -268,6 +282,20 @@ fn drain(rb: &mut RingBuf<MapData>, ctx: &mut Ctx, recs: &mut Vec<RequestRecord>
     while let Some(item) = rb.next() {
         match Event::decode(&item) {
             Ok(mut ev) => {
+                // Arrivals and departures of programs and libraries: attach before their
+                // first TLS call, detach when nobody uses them.
+                match ev.kind {
+                    Kind::Mmap => {
+                        ctx.attacher.on_mmap(&mut ctx.probes, ev.tgid, &ev.data);
+                        continue;
+                    }
+                    Kind::Exit => {
+                        ctx.attacher.on_exit(&mut ctx.probes, ev.tgid);
+                        continue;
+                    }
+                    Kind::Exec => ctx.attacher.on_exec(&mut ctx.probes, ev.tgid),
+                    _ => {}
+                }
                 ctx.identity.enrich(&mut ev, ctx.boot_offset, &ctx.node);
                 if let Some(r) = ctx.recorder.as_mut() {
                     r.write(&ev)?;
@@ -309,15 +337,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
         probes.select_cgroups(&ids)?;
         info!(cgroups = ids.len(), "watching only the selected cgroups");
     }
-    let libs = probe::libs::discover();
-    if libs.is_empty() {
-        warn!("no libssl found: TLS traffic through OpenSSL will not be seen");
+    let mut attacher = Attacher::new();
+    attacher.attach_existing(&mut probes);
+    if attacher.attached_files() == 0 {
+        warn!("no TLS library or program found yet: they are attached as they start");
     }
-    probes.attach_openssl(&libs);
     // SAFETY: the ring buffer map is owned by the AsyncFd, so its fd outlives the registration.
     let mut ring =
         unsafe { AsyncFd::register(probes.take_events()?) }.context("polling the ring buffer")?;
     let mut ctx = Ctx {
+        probes,
+        attacher,
         pipe: Pipeline::new(fp),
         identity: Identity::new(),
         boot_offset: pipeline::boot_offset_ns(),
@@ -332,6 +362,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut drain_tick = tokio::time::interval(Duration::from_millis(5));
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rescan = tokio::time::interval(Duration::from_secs(args.rescan_secs.max(1)));
+    let mut cgroup_tick = tokio::time::interval(Duration::from_secs(2));
     let mut sighup = signal(SignalKind::hangup())?;
     let mut recs = Vec::new();
     let mut latency = Latency::default();
@@ -344,7 +375,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tokio::spawn(serve_metrics(listener, exposed.clone()));
     }
     let mut metrics_tick = tokio::time::interval(Duration::from_secs(1));
-    info!(libraries = probes.attached_libraries(), "monitor ready");
+    info!(files = ctx.attacher.attached_files(), "monitor ready");
 
     loop {
         tokio::select! {
@@ -366,17 +397,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 outputs.write(&mut recs);
                 outputs.tick(wall_clock_ns());
             }
-            _ = rescan.tick() => {
-                if !args.cgroups.is_empty() {
-                    probes.select_cgroups(&identity::cgroup_ids_under(&args.cgroups))?;
-                }
-                let n = probes.attach_openssl(&probe::libs::mapped_libssl());
-                if n > 0 {
-                    info!(new = n, "attached to newly loaded TLS libraries");
-                }
+            _ = rescan.tick(), if args.rescan_secs > 0 => {
+                ctx.attacher.rescan(&mut ctx.probes);
+            }
+            // New cgroups under the selected ones (a pod's new container).
+            _ = cgroup_tick.tick(), if !args.cgroups.is_empty() => {
+                ctx.probes.select_cgroups(&identity::cgroup_ids_under(&args.cgroups))?;
             }
             _ = metrics_tick.tick(), if args.metrics_addr.is_some() => {
-                let text = metrics_text(&probes, &ctx.pipe.stats, &outputs.detector.stats);
+                let text = metrics_text(&ctx.probes, &ctx.attacher.stats, &ctx.pipe.stats, &outputs.detector.stats);
                 let mut e = exposed.lock().unwrap_or_else(|p| p.into_inner());
                 e.text = text;
                 e.ready = true;
@@ -397,6 +426,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let Ctx {
         mut pipe,
         decode_errors,
+        probes,
+        attacher,
         ..
     } = ctx;
     pipe.flush_all(&mut recs);
@@ -409,6 +440,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         "decode_errors": decode_errors,
         "latency_event_to_record": latency.summary(),
         "kernel": kernel,
+        "attach": attacher.stats,
         "pipeline": pipe.stats,
         "detect": outputs.detector.stats,
         "outputs": notify,

@@ -64,6 +64,11 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("pg_ctlcluster", "postgresql"),
     ("psql", "postgresql-client"),
     ("runuser", "util-linux"),
+    ("gnutls-cli", "gnutls-bin"),
+    ("gcc", "gcc"),
+    // libssl.a for the statically linked OpenSSL client.
+    ("/usr/include/openssl/ssl.h", "libssl-dev"),
+    ("node", "nodejs"),
 ];
 
 pub(crate) fn root() -> PathBuf {
@@ -104,7 +109,8 @@ pub(crate) fn run(cmd: &mut Command) -> Result<()> {
 fn install_packages() -> Result<()> {
     let missing: Vec<&str> = TEST_PACKAGES
         .iter()
-        .filter(|(c, _)| !have(c))
+        // A command on PATH, or (for libraries and headers) a file.
+        .filter(|(c, _)| !(have(c) || (c.starts_with('/') && Path::new(c).exists())))
         .map(|(_, p)| *p)
         .collect();
     apt_install(&missing)

@@ -33,6 +33,9 @@ pub fn kernel_offsets() -> Result<KernelOffsets> {
         sock_v6_rcv_saddr: f("sock", &["__sk_common", "skc_v6_rcv_saddr"])?,
         sock_net: f("sock", &["__sk_common", "skc_net"])?,
         net_ns_inum: f("net", &["ns", "inum"])?,
+        inode_ino: f("inode", &["i_ino"])?,
+        inode_sb: f("inode", &["i_sb"])?,
+        sb_dev: f("super_block", &["s_dev"])?,
     })
 }
 

@@ -1,7 +1,9 @@
 //! Loads the kernel programs, attaches them, and reads their counters.
 
+pub mod attacher;
 pub mod btf;
 pub mod libs;
+pub mod target;
 
 use std::{collections::HashSet, fs, path::Path};
 
@@ -9,13 +11,20 @@ use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{TracePoint, UProbe, uprobe::UProbeScope},
+    programs::{
+        TracePoint, UProbe,
+        uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
+    },
 };
 use monitor_common::{PROG_COUNT, PROG_NAMES, ProbeConfig, STAT_COUNT, STAT_LOST};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use self::libs::LibFile;
+/// One attached uprobe: its program and link, for detaching.
+pub struct Link {
+    program: &'static str,
+    id: UProbeLinkId,
+}
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor.bpf.o"));
 
@@ -24,11 +33,11 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mo
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProbeSet {
-    /// SSL_write/SSL_write_ex entry and SSL_read/SSL_read_ex entry+return: both sides of
-    /// every TLS connection (servers see the requests they receive).
+    /// Write and read calls, entry and return: both sides of every TLS connection (servers
+    /// see the requests they receive).
     Full,
-    /// SSL_write/SSL_write_ex entry only: credentials travel in requests, so where every
-    /// client is monitored the sending side suffices, at well under half the uprobe hits.
+    /// Write calls only: credentials travel in requests, so where every client is monitored
+    /// the sending side suffices, at half the uprobe hits.
     Egress,
 }
 
@@ -52,12 +61,12 @@ const TRACEPOINTS: &[(&str, &[&str])] = &[
         ],
     ),
     ("sys_enter_close", &["sys_enter_close"]),
+    ("sys_enter_mmap", &["sys_enter_mmap"]),
 ];
 
 pub struct Probes {
     ebpf: Ebpf,
     set: ProbeSet,
-    attached: HashSet<(u64, u64)>,
 }
 
 /// Per-program counters summed over CPUs.
@@ -117,6 +126,13 @@ impl Probes {
         exec.load().context("loading sched_process_exec")?;
         exec.attach("sched", "sched_process_exec")
             .context("attaching sched:sched_process_exec")?;
+        let exit: &mut TracePoint = ebpf
+            .program_mut("sched_process_exit")
+            .context("exit program missing")?
+            .try_into()?;
+        exit.load().context("loading sched_process_exit")?;
+        exit.attach("sched", "sched_process_exit")
+            .context("attaching sched:sched_process_exit")?;
         for (prog, tps) in TRACEPOINTS {
             let p: &mut TracePoint = ebpf
                 .program_mut(prog)
@@ -138,67 +154,58 @@ impl Probes {
             }
         }
         info!(probes = ?set, tracepoints = TRACEPOINTS.len(), "kernel programs loaded");
-        Ok(Self {
-            ebpf,
-            set,
-            attached: HashSet::new(),
-        })
+        Ok(Self { ebpf, set })
     }
 
-    /// Attaches the OpenSSL probes to each library not attached yet; returns how many were new.
-    pub fn attach_openssl(&mut self, libs: &[LibFile]) -> usize {
-        let mut n = 0;
-        for lib in libs {
-            if self.attached.contains(&lib.id) {
+    /// Attaches each point at its file offset in `path` (all processes that map the file);
+    /// read-side points only with `ProbeSet::Full`. All or nothing: on an error the points
+    /// attached so far are detached again.
+    pub fn attach_points(&mut self, path: &Path, points: &[target::Point]) -> Result<Vec<Link>> {
+        let mut links = Vec::new();
+        for p in points {
+            if p.read_side && self.set != ProbeSet::Full {
                 continue;
             }
-            match self.attach_one(&lib.path) {
-                Ok(points) => {
-                    info!(library = %lib.path.display(), points, "attached OpenSSL probes");
-                    n += 1;
-                }
+            let r = self
+                .uprobe(p.program)
+                .and_then(|prog| {
+                    Ok(prog.attach(
+                        UProbeAttachLocation::AbsoluteOffset(p.offset),
+                        path,
+                        UProbeScope::AllProcesses,
+                    )?)
+                })
+                .with_context(|| format!("attaching {} to {}", p.program, p.symbol));
+            match r {
+                Ok(id) => links.push(Link {
+                    program: p.program,
+                    id,
+                }),
                 Err(e) => {
-                    warn!(library = %lib.path.display(), error = %format!("{e:#}"), "cannot attach")
+                    self.detach(links);
+                    return Err(e);
                 }
             }
-            // Do not retry a file that failed: its symbols will not appear later.
-            self.attached.insert(lib.id);
         }
-        n
+        Ok(links)
     }
 
-    fn attach_one(&mut self, path: &Path) -> Result<usize> {
-        let mut points = 0;
-        let mut plan: Vec<(&str, &str)> =
-            vec![("ssl_write", "SSL_write"), ("ssl_write", "SSL_write_ex")];
-        if self.set == ProbeSet::Full {
-            plan.extend([
-                ("ssl_read", "SSL_read"),
-                ("ssl_read_ex", "SSL_read_ex"),
-                ("ssl_read_ret", "SSL_read"),
-                ("ssl_read_ret", "SSL_read_ex"),
-            ]);
-        }
-        for (prog, sym) in plan {
-            let p: &mut UProbe = self
-                .ebpf
-                .program_mut(prog)
-                .context("uprobe missing")?
-                .try_into()?;
-            match p.attach(sym, path, UProbeScope::AllProcesses) {
-                Ok(_) => points += 1,
-                // SSL_write_ex/SSL_read_ex arrived in OpenSSL 1.1.1; older copies lack them.
-                Err(e) if sym.ends_with("_ex") => {
-                    tracing::debug!(symbol = sym, error = %e, "symbol not attached")
-                }
-                Err(e) => return Err(e).with_context(|| format!("attaching {prog} to {sym}")),
+    pub fn detach(&mut self, links: Vec<Link>) {
+        for l in links {
+            if let Ok(p) = self.uprobe(l.program)
+                && let Err(e) = p.detach(l.id)
+            {
+                warn!(program = l.program, error = %e, "detaching");
             }
         }
-        Ok(points)
     }
 
-    pub fn attached_libraries(&self) -> usize {
-        self.attached.len()
+    fn uprobe(&mut self, name: &str) -> Result<&mut UProbe> {
+        Ok(self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?
+            .try_into()?)
     }
 
     /// Replaces the set of selected cgroup ids (with `filter_cgroups`).

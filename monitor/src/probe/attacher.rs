@@ -1,0 +1,314 @@
+//! Attach on arrival: the kernel reports every program executed and every file mapped
+//! executable; each file is inspected once (by device and inode: uprobes live on the inode) and,
+//! when it implements a TLS stack, probed at once. A file that stops being used (its last
+//! process exits or executes something else) is detached, unless it is a system library found
+//! at start, which stays attached so a process loading it later is covered from its first call.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fs,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::{Path, PathBuf},
+};
+
+use monitor_common::MmapInfo;
+use serde::Serialize;
+use tracing::{debug, info, warn};
+
+use super::{
+    Link, Probes,
+    target::{self, Stack},
+};
+
+/// A file as `stat` names it: (st_dev, st_ino).
+pub type FileId = (u64, u64);
+
+/// Counters per stack and result, for `/metrics` and the exit summary.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct AttachStats {
+    /// Files inspected (ELF symbols read), whatever the verdict.
+    pub inspected: u64,
+    /// (stack, result) → count; results: attached, failed, detached.
+    pub by_stack: BTreeMap<String, BTreeMap<&'static str, u64>>,
+    /// Files attached now.
+    pub attached_now: usize,
+    /// mmap records whose file was not among the process's mappings when looked up (the
+    /// process had exited or unmapped it).
+    pub mmap_misses: u64,
+    /// Files that could not be read or parsed.
+    pub inspect_errors: u64,
+}
+
+impl AttachStats {
+    fn count(&mut self, stack: Stack, result: &'static str) {
+        *self
+            .by_stack
+            .entry(stack.name().to_string())
+            .or_default()
+            .entry(result)
+            .or_default() += 1;
+    }
+}
+
+struct Attached {
+    path: PathBuf,
+    stack: Stack,
+    links: Vec<Link>,
+    users: HashSet<u32>,
+    /// Found at start in the library directories: never detached.
+    pinned: bool,
+}
+
+#[derive(Default)]
+pub struct Attacher {
+    /// Files looked at whose verdict was "nothing to probe" (or that failed).
+    ignored: HashSet<FileId>,
+    attached: HashMap<FileId, Attached>,
+    /// Process → attached files it maps.
+    uses: HashMap<u32, HashSet<FileId>>,
+    pub stats: AttachStats,
+}
+
+impl Attacher {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// At start: the TLS libraries installed on the host (pinned), then every file mapped
+    /// executable by a running process.
+    pub fn attach_existing(&mut self, probes: &mut Probes) {
+        for lib in super::libs::installed_tls_libraries() {
+            self.consider(probes, &lib.path, lib.id, None, true);
+        }
+        self.rescan(probes);
+    }
+
+    /// Looks at every running process's executable mappings (a safety net; normally the
+    /// exec and mmap records do this as things arrive).
+    pub fn rescan(&mut self, probes: &mut Probes) {
+        let Ok(procs) = fs::read_dir("/proc") else {
+            return;
+        };
+        for p in procs.flatten() {
+            if let Some(tgid) = p.file_name().to_str().and_then(|s| s.parse().ok()) {
+                self.scan_maps(probes, tgid, None);
+            }
+        }
+    }
+
+    /// A process executed a program: its old mappings are gone, its new executable is here
+    /// (libraries follow as mmap records).
+    pub fn on_exec(&mut self, probes: &mut Probes, tgid: u32) {
+        self.release(probes, tgid);
+        let exe = format!("/proc/{tgid}/exe");
+        let (Ok(meta), Ok(path)) = (fs::metadata(&exe), fs::read_link(&exe)) else {
+            return; // already gone
+        };
+        let id = (meta.dev(), meta.ino());
+        let full = in_root(tgid, &path);
+        self.consider(probes, &full, id, Some(tgid), false);
+    }
+
+    /// A process mapped a file executable.
+    pub fn on_mmap(&mut self, probes: &mut Probes, tgid: u32, data: &[u8]) {
+        if data.len() < std::mem::size_of::<MmapInfo>() {
+            return;
+        }
+        // SAFETY: MmapInfo is plain data and the length was checked.
+        let info: MmapInfo = unsafe { std::ptr::read_unaligned(data.as_ptr().cast()) };
+        let id = (kernel_dev(info.dev), info.ino);
+        if let Some(a) = self.attached.get_mut(&id) {
+            if !a.pinned {
+                a.users.insert(tgid);
+                self.uses.entry(tgid).or_default().insert(id);
+            }
+            return;
+        }
+        if self.ignored.contains(&id) {
+            return;
+        }
+        if !self.scan_maps(probes, tgid, Some(id)) {
+            self.stats.mmap_misses += 1;
+        }
+    }
+
+    /// A process exited: files only it used are detached.
+    pub fn on_exit(&mut self, probes: &mut Probes, tgid: u32) {
+        self.release(probes, tgid);
+    }
+
+    pub fn attached_files(&self) -> usize {
+        self.attached.len()
+    }
+
+    fn release(&mut self, probes: &mut Probes, tgid: u32) {
+        let Some(ids) = self.uses.remove(&tgid) else {
+            return;
+        };
+        for id in ids {
+            let Some(a) = self.attached.get_mut(&id) else {
+                continue;
+            };
+            a.users.remove(&tgid);
+            if a.users.is_empty() && !a.pinned {
+                let a = self.attached.remove(&id).expect("present");
+                probes.detach(a.links);
+                self.stats.count(a.stack, "detached");
+                info!(file = %a.path.display(), stack = a.stack.name(), "detached: no process uses it any more");
+            }
+        }
+        self.stats.attached_now = self.attached.len();
+    }
+
+    /// Considers every executable mapping of `tgid` not seen yet; true when `want` (if any)
+    /// was among them.
+    fn scan_maps(&mut self, probes: &mut Probes, tgid: u32, want: Option<FileId>) -> bool {
+        let Ok(maps) = fs::read_to_string(format!("/proc/{tgid}/maps")) else {
+            return false;
+        };
+        let mut found = want.is_none();
+        let mut done = HashSet::new();
+        for line in maps.lines() {
+            let Some((id, path)) = exec_mapping(line) else {
+                continue;
+            };
+            found |= want == Some(id);
+            if done.insert(id) {
+                self.consider(
+                    probes,
+                    &in_root(tgid, Path::new(path)),
+                    id,
+                    Some(tgid),
+                    false,
+                );
+            }
+        }
+        found
+    }
+
+    fn consider(
+        &mut self,
+        probes: &mut Probes,
+        path: &Path,
+        id: FileId,
+        user: Option<u32>,
+        pinned: bool,
+    ) {
+        if let Some(a) = self.attached.get_mut(&id) {
+            if let Some(tgid) = user.filter(|_| !a.pinned) {
+                a.users.insert(tgid);
+                self.uses.entry(tgid).or_default().insert(id);
+            }
+            return;
+        }
+        if self.ignored.contains(&id) {
+            return;
+        }
+        self.stats.inspected += 1;
+        // Opened once and named through our own fd from here on: the process that showed us
+        // the file may exit (and its /proc entry vanish) while we inspect and attach.
+        let file = match fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) => {
+                debug!(file = %path.display(), error = %e, "cannot open");
+                return; // gone; a later process mapping it will show it again
+            }
+        };
+        let target = match target::inspect_file(&file, path) {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                self.ignored.insert(id);
+                return;
+            }
+            Err(e) => {
+                debug!(file = %path.display(), error = %format!("{e:#}"), "cannot inspect");
+                self.stats.inspect_errors += 1;
+                self.ignored.insert(id);
+                return;
+            }
+        };
+        let by_fd = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        match probes.attach_points(&by_fd, &target.points) {
+            Ok(links) => {
+                info!(file = %path.display(), stack = target.stack.name(), points = links.len(), "attached TLS probes");
+                self.stats.count(target.stack, "attached");
+                let mut users = HashSet::new();
+                if let Some(tgid) = user.filter(|_| !pinned) {
+                    users.insert(tgid);
+                    self.uses.entry(tgid).or_default().insert(id);
+                }
+                self.attached.insert(
+                    id,
+                    Attached {
+                        path: path.to_path_buf(),
+                        stack: target.stack,
+                        links,
+                        users,
+                        pinned,
+                    },
+                );
+                self.stats.attached_now = self.attached.len();
+            }
+            Err(e) => {
+                warn!(file = %path.display(), stack = target.stack.name(), error = %format!("{e:#}"), "cannot attach");
+                self.stats.count(target.stack, "failed");
+                // Do not retry a file that failed: its symbols will not change.
+                self.ignored.insert(id);
+            }
+        }
+    }
+}
+
+/// `(file id, path)` of an executable, file-backed line of /proc/<pid>/maps.
+fn exec_mapping(line: &str) -> Option<(FileId, &str)> {
+    let mut f = line.split_whitespace();
+    let (_, perms, _, dev, ino) = (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+    let path = f.next()?;
+    if !perms.contains('x') || !path.starts_with('/') || f.next().is_some() {
+        return None; // not executable, anonymous, or "(deleted)"
+    }
+    let (maj, min) = dev.split_once(':')?;
+    let dev = libc::makedev(
+        u32::from_str_radix(maj, 16).ok()?,
+        u32::from_str_radix(min, 16).ok()?,
+    );
+    Some(((dev, ino.parse().ok()?), path))
+}
+
+/// The kernel's `s_dev` (major << 20 | minor) as `st_dev`.
+fn kernel_dev(dev: u32) -> u64 {
+    libc::makedev(dev >> 20, dev & 0xfffff)
+}
+
+/// A path as the process sees it, reachable from here (containers have their own root).
+fn in_root(tgid: u32, path: &Path) -> PathBuf {
+    Path::new(&format!("/proc/{tgid}/root")).join(path.strip_prefix("/").unwrap_or(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_executable_mappings_only() {
+        let x = "7f1c5a000000-7f1c5a0a0000 r-xp 00022000 fe:01 1311012                    /usr/lib/x86_64-linux-gnu/libssl.so.3";
+        let ((dev, ino), path) = exec_mapping(x).unwrap();
+        assert_eq!((dev, ino), (libc::makedev(0xfe, 1), 1311012));
+        assert_eq!(path, "/usr/lib/x86_64-linux-gnu/libssl.so.3");
+        let ro = x.replace("r-xp", "r--p");
+        assert!(exec_mapping(&ro).is_none());
+        assert!(
+            exec_mapping("7ffd-7ffe r-xp 00000000 00:00 0                          [vdso]")
+                .is_none()
+        );
+        assert!(exec_mapping(&format!("{x} (deleted)")).is_none());
+    }
+
+    #[test]
+    fn kernel_device_numbers_match_stat() {
+        let meta = fs::metadata("/proc/self/exe").unwrap();
+        let st = meta.dev();
+        let (maj, min) = (libc::major(st), libc::minor(st));
+        assert_eq!(kernel_dev((maj << 20) | min), st);
+    }
+}
