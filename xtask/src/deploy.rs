@@ -330,7 +330,10 @@ fn check_invariants(at: &str, docs: &[&Value], problems: &mut Vec<String>) {
         let name = kind_name(ds);
         let pod = ds.pointer("/spec/template/spec").unwrap_or(&Value::Null);
         if pod.get("hostPID") != Some(&Value::Bool(true)) {
-            fail(&name, "hostPID must be true (the daemon reads the host's /proc)".into());
+            fail(
+                &name,
+                "hostPID must be true (the daemon reads the host's /proc)".into(),
+            );
         }
         if pod.get("hostNetwork") == Some(&Value::Bool(true)) {
             fail(&name, "hostNetwork must not be set".into());
@@ -470,7 +473,10 @@ fn check_invariants(at: &str, docs: &[&Value], problems: &mut Vec<String>) {
                     }
                     host_paths_seen.insert(hp.to_string());
                     if !HOST_PATHS_RO.contains(&hp) {
-                        fail(&cname, format!("hostPath {hp} is not one of {HOST_PATHS_RO:?}"));
+                        fail(
+                            &cname,
+                            format!("hostPath {hp} is not one of {HOST_PATHS_RO:?}"),
+                        );
                     }
                     if !ro {
                         fail(
@@ -489,7 +495,9 @@ fn check_invariants(at: &str, docs: &[&Value], problems: &mut Vec<String>) {
                     if mode & 0o077 != 0 {
                         fail(
                             &cname,
-                            format!("Secret mount {mount} has mode {mode:o}: group/others can read"),
+                            format!(
+                                "Secret mount {mount} has mode {mode:o}: group/others can read"
+                            ),
                         );
                     }
                 } else if !ro && mount != STATE_MOUNT {
@@ -525,10 +533,7 @@ fn check_invariants(at: &str, docs: &[&Value], problems: &mut Vec<String>) {
     }
 
     // RBAC: read-only access to pods, nothing else, anywhere.
-    for role in of_kind("ClusterRole")
-        .into_iter()
-        .chain(of_kind("Role"))
-    {
+    for role in of_kind("ClusterRole").into_iter().chain(of_kind("Role")) {
         let rules = arr(role, "/rules");
         if rules.is_empty() {
             fail(&kind_name(role), "no rules".into());
@@ -660,9 +665,10 @@ fn check_unit(problems: &mut Vec<String>) -> Result<Option<String>> {
 fn check_unit_structure(problems: &mut Vec<String>) -> Result<()> {
     let unit = fs::read_to_string(root().join(UNIT))?;
     let value = |key: &str| -> Option<String> {
+        // The last assignment wins, as in systemd.
         unit.lines()
-            .filter_map(|l| l.trim().strip_prefix(&format!("{key}=")))
-            .last()
+            .rev()
+            .find_map(|l| l.trim().strip_prefix(&format!("{key}=")))
             .map(str::to_string)
     };
     let caps: BTreeSet<&str> = [
@@ -680,7 +686,9 @@ fn check_unit_structure(problems: &mut Vec<String>) -> Result<()> {
             .map(str::to_string)
             .collect();
         if got.iter().map(String::as_str).collect::<BTreeSet<_>>() != caps {
-            problems.push(format!("{UNIT}: {key} must be exactly {caps:?}, is {got:?}"));
+            problems.push(format!(
+                "{UNIT}: {key} must be exactly {caps:?}, is {got:?}"
+            ));
         }
     }
     for (key, want) in [
