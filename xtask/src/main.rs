@@ -229,6 +229,9 @@ fn main() -> Result<()> {
             }
             // Also when the tests failed (--no-fail-fast): both verdicts in one run.
             let deploy = deploy::main(deploy::DeployCheck::default());
+            if let (Err(_), Err(e)) = (&tests, &deploy) {
+                eprintln!("xtask: {e:#}");
+            }
             tests.and(deploy)
         }
     }
