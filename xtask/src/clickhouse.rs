@@ -214,12 +214,13 @@ fn python() -> Result<PathBuf> {
     bail!("python3 with the venv module is needed (Debian: apt-get install python3-venv)")
 }
 
-/// The venv holding the pinned wheel; built once (into a temporary directory, then renamed,
-/// so that an interrupted install is never taken for a finished one).
-fn ensure_venv(venv: &Path) -> Result<PathBuf> {
-    let marker = venv.join(format!(".installed-{CHDB_WHEEL}"));
+/// A venv holding exactly `pins` (installed with `--no-deps`, so every package is pinned);
+/// built once (into a temporary directory, then renamed, so that an interrupted install is
+/// never taken for a finished one). `marker` names the file that records a finished install:
+/// change it with the pins. Returns the venv's python.
+pub(crate) fn ensure_venv(venv: &Path, marker: &str, pins: &[&str]) -> Result<PathBuf> {
     let py = venv.join("bin/python");
-    if marker.exists() {
+    if venv.join(marker).exists() {
         return Ok(py);
     }
     let parent = venv.parent().context("venv path has no parent")?;
@@ -228,11 +229,12 @@ fn ensure_venv(venv: &Path) -> Result<PathBuf> {
         ".{}.lock",
         venv.file_name().unwrap_or_default().to_string_lossy()
     )))?;
-    if marker.exists() {
+    if venv.join(marker).exists() {
         return Ok(py);
     }
     let t = Instant::now();
-    eprintln!("xtask: installing {CHDB_WHEEL} into {}", venv.display());
+    let what = pins.join(" ");
+    eprintln!("xtask: installing {what} into {}", venv.display());
     let tmp = venv.with_extension("tmp");
     let _ = fs::remove_dir_all(&tmp);
     crate::run(Command::new(python()?).args(["-m", "venv"]).arg(&tmp))?;
@@ -245,15 +247,15 @@ fn ensure_venv(venv: &Path) -> Result<PathBuf> {
                 "-q",
                 "--disable-pip-version-check",
                 "--no-deps",
-                CHDB_WHEEL,
             ])
+            .args(pins)
             .env("PIP_NO_INPUT", "1"),
     )?;
-    fs::write(tmp.join(format!(".installed-{CHDB_WHEEL}")), "")?;
+    fs::write(tmp.join(marker), pins.join("\n") + "\n")?;
     let _ = fs::remove_dir_all(venv);
     fs::rename(&tmp, venv)?;
     eprintln!(
-        "xtask: {CHDB_WHEEL} installed ({:.1}s)",
+        "xtask: {what} installed ({:.1}s)",
         t.elapsed().as_secs_f64()
     );
     Ok(py)
@@ -313,7 +315,7 @@ fn up(a: UpArgs) -> Result<()> {
         }
         None => dir.join("venv"),
     };
-    let py = ensure_venv(&venv)?;
+    let py = ensure_venv(&venv, &format!(".installed-{CHDB_WHEEL}"), &[CHDB_WHEEL])?;
     fs::write(dir.join("chdb_server.py"), SERVER_PY)?;
     let mut config = format!("<clickhouse>\n    <http_port>{}</http_port>\n", a.http_port);
     let mut listen = "HTTP".to_string();

@@ -1,8 +1,9 @@
-//! Project tasks: `cargo xtask setup | build | run | test | bench`.
+//! Project tasks: `cargo xtask setup | build | run | test | bench | deploy-check`.
 
 mod bench;
 mod clickhouse;
 mod demo;
+mod deploy;
 
 use std::{
     path::{Path, PathBuf},
@@ -43,7 +44,9 @@ enum Task {
     Clickhouse(clickhouse::Clickhouse),
     /// A one-command demo (as root): workloads, legitimate calls, a replayed token, alerts.
     Demo,
-    /// Set up, then run every test, the live eBPF ones included (as root).
+    /// Lint, render and validate the Helm chart, plain manifests and systemd unit offline.
+    DeployCheck(deploy::DeployCheck),
+    /// Set up, then run every test, the live eBPF ones included (as root), then deploy-check.
     Test {
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -208,6 +211,7 @@ fn main() -> Result<()> {
             }
         }
         Task::Clickhouse(c) => clickhouse::main(c),
+        Task::DeployCheck(a) => deploy::main(a),
         Task::Demo => {
             if !is_root() {
                 bail!("the demo attaches eBPF programs and creates namespaces: run as root");
@@ -223,11 +227,18 @@ fn main() -> Result<()> {
             }
             setup(true)?;
             let t = Instant::now();
-            run(cargo()
+            let tests = run(cargo()
                 .args(["test", "--workspace", "--no-fail-fast"])
-                .args(&args))?;
-            eprintln!("xtask: tests passed ({:.0}s)", t.elapsed().as_secs_f64());
-            Ok(())
+                .args(&args));
+            if tests.is_ok() {
+                eprintln!("xtask: tests passed ({:.0}s)", t.elapsed().as_secs_f64());
+            }
+            // Also when the tests failed (--no-fail-fast): both verdicts in one run.
+            let deploy = deploy::main(deploy::DeployCheck::default());
+            if let (Err(_), Err(e)) = (&tests, &deploy) {
+                eprintln!("xtask: {e:#}");
+            }
+            tests.and(deploy)
         }
     }
 }
