@@ -72,6 +72,12 @@ fn record(r: Req) -> RequestRecord {
         exe: Some(Arc::from("/usr/bin/client")),
         cgroup_id: 7,
         cgroup: Some(Arc::from("/kubepods/pod-1/c-1")),
+        container_id: None,
+        runtime: None,
+        pod_uid: None,
+        pod: None,
+        unit: None,
+        uid: None,
         netns: 1,
         side: "client",
         source: Some(Endpoint {

@@ -61,6 +61,12 @@ fn req(cgroup: &str, dst: &str, tls: bool, t_secs: u64, creds: Vec<Credential>) 
         exe: Some("/usr/bin/curl".into()),
         cgroup_id: 7,
         cgroup: Some(cgroup.into()),
+        container_id: None,
+        runtime: None,
+        pod_uid: None,
+        pod: None,
+        unit: None,
+        uid: None,
         netns: 1,
         side: "client",
         source: Some(Endpoint {
