@@ -3,7 +3,11 @@
 
 use std::net::IpAddr;
 
-use crate::{pipeline::RequestRecord, rules::Rules};
+use crate::{
+    identity::kube::Pod,
+    pipeline::RequestRecord,
+    rules::{CompiledWorkload, Rules},
+};
 
 /// Whether the observing process sent the request (its own identity is the source) or
 /// received it (the source is known only by address).
@@ -15,7 +19,6 @@ pub fn source_workload(rules: &Rules, rec: &RequestRecord) -> String {
     let ip = rec.source.as_ref().map(|e| e.ip);
     if is_client_side(rec) {
         for w in &rules.workloads {
-            let by_process = w.cgroup.is_some() || w.exe.is_some() || w.comm.is_some();
             let ok = w
                 .cgroup
                 .as_ref()
@@ -24,11 +27,22 @@ pub fn source_workload(rules: &Rules, rec: &RequestRecord) -> String {
                     .as_ref()
                     .is_none_or(|g| rec.exe.as_deref().is_some_and(|e| g.is_match(e)))
                 && w.comm.as_ref().is_none_or(|c| *c == rec.comm)
+                && w.unit
+                    .as_ref()
+                    .is_none_or(|g| rec.unit.as_deref().is_some_and(|u| g.is_match(u)))
+                && (!w.by_pod() || rec.pod.as_deref().is_some_and(|p| pod_matches(w, p)))
                 && (w.nets.is_empty()
                     || ip.is_some_and(|ip| w.nets.iter().any(|n| n.contains(&ip))));
-            if ok && (by_process || !w.nets.is_empty()) {
+            if ok && (w.by_process() || !w.nets.is_empty()) {
                 return w.name.clone();
             }
+        }
+        // All replicas of a Deployment are one workload; a service is its unit.
+        if let Some(p) = rec.pod.as_deref() {
+            return p.workload();
+        }
+        if let Some(u) = rec.unit.as_deref() {
+            return format!("unit:{u}");
         }
         return match rec.cgroup.as_deref() {
             Some(c) if c != "/" && !c.is_empty() => format!("cgroup:{c}"),
@@ -39,6 +53,19 @@ pub fn source_workload(rules: &Rules, rec: &RequestRecord) -> String {
         };
     }
     by_address(rules, ip)
+}
+
+/// Every Kubernetes selector of `w` the pod satisfies (labels: all of them, same values).
+fn pod_matches(w: &CompiledWorkload, p: &Pod) -> bool {
+    let g = |m: &Option<globset::GlobMatcher>, v: Option<&str>| {
+        m.as_ref()
+            .is_none_or(|m| v.is_some_and(|v| m.is_match(v)))
+    };
+    g(&w.namespace, Some(&p.namespace))
+        && g(&w.pod, Some(&p.name))
+        && g(&w.service_account, p.service_account.as_deref())
+        && g(&w.pod_owner, p.owner().as_deref())
+        && w.labels.iter().all(|(k, v)| p.labels.get(k) == Some(v))
 }
 
 fn by_address(rules: &Rules, ip: Option<IpAddr>) -> String {

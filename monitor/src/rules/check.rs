@@ -99,12 +99,39 @@ pub fn compile(files: Vec<(PathBuf, String, RulesFile)>) -> Result<Rules, Vec<Ru
                 exe: None,
                 comm: w.selector.comm.clone(),
                 nets: Vec::new(),
+                unit: None,
+                namespace: None,
+                pod: None,
+                service_account: None,
+                labels: w.selector.labels.clone(),
+                pod_owner: None,
                 owner: w.owner.clone(),
                 identity: w.identity.clone(),
             };
+            if let Some(o) = &w.selector.owner
+                && o.split_once('/').is_none_or(|(k, n)| k.is_empty() || n.is_empty())
+            {
+                c.err(
+                    &format!("name: {}", w.name),
+                    o,
+                    format!(
+                        "workload `{}` owner: expected `Kind/name` such as `Deployment/checkout`, got `{o}`",
+                        w.name
+                    ),
+                );
+            }
             for (field, pat, slot) in [
                 ("cgroup", &w.selector.cgroup, &mut cw.cgroup),
                 ("exe", &w.selector.exe, &mut cw.exe),
+                ("unit", &w.selector.unit, &mut cw.unit),
+                ("namespace", &w.selector.namespace, &mut cw.namespace),
+                ("pod", &w.selector.pod, &mut cw.pod),
+                (
+                    "service_account",
+                    &w.selector.service_account,
+                    &mut cw.service_account,
+                ),
+                ("owner", &w.selector.owner, &mut cw.pod_owner),
             ] {
                 if let Some(p) = pat {
                     match glob(p) {
@@ -127,12 +154,8 @@ pub fn compile(files: Vec<(PathBuf, String, RulesFile)>) -> Result<Rules, Vec<Ru
                     ),
                 }
             }
-            if w.selector.cgroup.is_none()
-                && w.selector.exe.is_none()
-                && w.selector.comm.is_none()
-                && w.selector.ips.is_empty()
-            {
-                c.err(&format!("name: {}", w.name), &w.name, format!("workload `{}` has an empty `match`: expected one of cgroup, exe, comm, ips", w.name));
+            if w.selector.is_empty() {
+                c.err(&format!("name: {}", w.name), &w.name, format!("workload `{}` has an empty `match`: expected one of cgroup, exe, comm, unit, ips, namespace, pod, service_account, labels, owner", w.name));
             }
             rules.workloads.push(cw);
         }
