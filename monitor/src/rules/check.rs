@@ -113,7 +113,7 @@ pub fn compile(files: Vec<(PathBuf, String, RulesFile)>) -> Result<Rules, Vec<Ru
             {
                 c.err(
                     &format!("name: {}", w.name),
-                    o,
+                    &format!("owner: {o}"),
                     format!(
                         "workload `{}` owner: expected `Kind/name` such as `Deployment/checkout`, got `{o}`",
                         w.name
@@ -435,6 +435,30 @@ detections:
             load_str(&[("r.yaml", "detections:\n  token-reuse: { enabled: true }\n")]).unwrap_err();
         assert_eq!(e[0].line, 2);
         assert!(e[0].message.contains("unknown detection `token-reuse`"));
+    }
+
+    #[test]
+    fn kubernetes_selectors_are_checked() {
+        let r = load_str(&[(
+            "k.yaml",
+            "workloads:\n  - name: checkout\n    match: { namespace: shop, owner: Deployment/checkout, labels: { app: checkout } }\n",
+        )])
+        .unwrap();
+        assert!(r.workloads[0].by_pod() && r.workloads[0].by_process());
+        let e = load_str(&[(
+            "k.yaml",
+            "workloads:\n  - name: checkout\n    match: { owner: checkout }\n  - name: b\n    match: { namespace: \"[shop\" }\n",
+        )])
+        .unwrap_err();
+        let shown: Vec<String> = e.iter().map(|e| e.to_string()).collect();
+        assert!(
+            shown.iter().any(|s| s.starts_with("k.yaml:3:14: workload `checkout` owner: expected `Kind/name`")),
+            "{shown:#?}"
+        );
+        assert!(
+            shown.iter().any(|s| s.starts_with("k.yaml:5:26: workload `b` namespace: bad glob")),
+            "{shown:#?}"
+        );
     }
 
     #[test]
