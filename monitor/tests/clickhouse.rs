@@ -253,7 +253,9 @@ async fn schema_created_and_migrated_from_v1() {
     sink.record(&plain(1, now_ns()), "n1", "new");
     // v3: the source's container, pod and owner.
     let mut in_pod = plain(2, now_ns());
-    in_pod.container_id = Some(Arc::from("9f3a1c5e7b2d4f6081a3c5e7092b4d6f8a1c3e5f7092b4d6f8a1c3e5f7092b4d"));
+    in_pod.container_id = Some(Arc::from(
+        "9f3a1c5e7b2d4f6081a3c5e7092b4d6f8a1c3e5f7092b4d6f8a1c3e5f7092b4d",
+    ));
     in_pod.runtime = Some(monitor::identity::container::Runtime::Containerd);
     in_pod.uid = Some(1000);
     in_pod.pod = Some(Arc::new(monitor::identity::kube::Pod {

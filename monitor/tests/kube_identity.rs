@@ -130,7 +130,10 @@ fn list_watch_bookmark_delete_and_410_relist() {
     assert_eq!(a.pod.labels["tier"], "web");
     assert_eq!(c.cache.pod_of_container(C_A1).as_deref(), Some(UID_A));
     assert_eq!(c.cache.pod_of_container(C_INIT).as_deref(), Some(UID_A));
-    assert_eq!(owner_of(&c.cache, C_B).as_deref(), Some("DaemonSet/fluent-bit"));
+    assert_eq!(
+        owner_of(&c.cache, C_B).as_deref(),
+        Some("DaemonSet/fluent-bit")
+    );
     let (p, rt) = c.cache.lookup(Some(C_A1), None).unwrap();
     assert_eq!((p.uid.as_str(), rt), (UID_A, Some(Runtime::Containerd)));
 
@@ -138,14 +141,20 @@ fn list_watch_bookmark_delete_and_410_relist() {
     let l = &api.lists()[0];
     assert_eq!(l.path, "/api/v1/pods");
     assert_eq!(l.query["fieldSelector"], format!("spec.nodeName={NODE}"));
-    assert_eq!(l.authorization.as_deref(), Some(format!("Bearer {tok1}").as_str()));
+    assert_eq!(
+        l.authorization.as_deref(),
+        Some(format!("Bearer {tok1}").as_str())
+    );
 
     // The watch starts from the list's version, with bookmarks.
     let w = api.wait_watch(1);
     assert_eq!(w.query["resourceVersion"], "10");
     assert_eq!(w.query["allowWatchBookmarks"], "true");
     assert_eq!(w.query["fieldSelector"], format!("spec.nodeName={NODE}"));
-    assert_eq!(w.authorization.as_deref(), Some(format!("Bearer {tok1}").as_str()));
+    assert_eq!(
+        w.authorization.as_deref(),
+        Some(format!("Bearer {tok1}").as_str())
+    );
 
     // Watch events: a restarted container, a new pod, a deleted pod, bookmarks.
     api.push(bookmark("12"));
@@ -157,9 +166,20 @@ fn list_watch_bookmark_delete_and_410_relist() {
         (c.cache.pod(UID_B).is_none() && c.cache.pod(UID_C).is_some()).then_some(())
     });
     assert_eq!(c.cache.pod_of_container(C_A2).as_deref(), Some(UID_A));
-    assert_eq!(c.cache.pod_of_container(C_A1), None, "old container forgotten");
-    assert_eq!(c.cache.pod_of_container(C_B), None, "deleted pod's containers gone");
-    assert_eq!(owner_of(&c.cache, C_C).as_deref(), Some("StatefulSet/postgres"));
+    assert_eq!(
+        c.cache.pod_of_container(C_A1),
+        None,
+        "old container forgotten"
+    );
+    assert_eq!(
+        c.cache.pod_of_container(C_B),
+        None,
+        "deleted pod's containers gone"
+    );
+    assert_eq!(
+        owner_of(&c.cache, C_C).as_deref(),
+        Some("StatefulSet/postgres")
+    );
     assert_eq!(c.cache.len(), 2);
 
     // The token rotates; the stream ends (server timeout): the next watch resumes from the
@@ -169,8 +189,15 @@ fn list_watch_bookmark_delete_and_410_relist() {
     api.push(Line::Close);
     let w = api.wait_watch(2);
     assert_eq!(w.query["resourceVersion"], "16");
-    assert_eq!(w.authorization.as_deref(), Some(format!("Bearer {tok2}").as_str()));
-    assert_eq!(api.lists().len(), 1, "a closed stream is re-watched, not relisted");
+    assert_eq!(
+        w.authorization.as_deref(),
+        Some(format!("Bearer {tok2}").as_str())
+    );
+    assert_eq!(
+        api.lists().len(),
+        1,
+        "a closed stream is re-watched, not relisted"
+    );
 
     // ERROR 410 in the stream: relist (postgres went while we were not watching; debug came).
     api.set_list(pod_list("20", &[checkout(&[C_A2], "13"), debug_pod("19")]));
@@ -179,7 +206,10 @@ fn list_watch_bookmark_delete_and_410_relist() {
         (c.cache.pod(UID_D).is_some()).then_some(())
     });
     assert!(c.cache.pod(UID_C).is_none(), "a relist replaces the cache");
-    assert_eq!(c.cache.pod(UID_D).unwrap().pod.workload(), "k8s:ops/pod/debug-shell");
+    assert_eq!(
+        c.cache.pod(UID_D).unwrap().pod.workload(),
+        "k8s:ops/pod/debug-shell"
+    );
     assert_eq!(api.lists().len(), 2);
     let w = api.wait_watch(3);
     assert_eq!(w.query["resourceVersion"], "20");

@@ -167,10 +167,7 @@ edges:
         "labels": {"app": "checkout", "pod-template-hash": "7d9c5b8f6"},
         "owner_kind": "Deployment", "owner_name": "checkout", "node": node,
     });
-    let recs = out.find(&[
-        ("/side", json!("client")),
-        ("/path", json!("/admin/users")),
-    ]);
+    let recs = out.find(&[("/side", json!("client")), ("/path", json!("/admin/users"))]);
     assert_eq!(recs.len(), 1, "records: {:#?}", out.records);
     let r = recs[0];
     assert_eq!(r["cgroup"], json!(pc.cg().path));

@@ -58,8 +58,7 @@ pub fn source_workload(rules: &Rules, rec: &RequestRecord) -> String {
 /// Every Kubernetes selector of `w` the pod satisfies (labels: all of them, same values).
 fn pod_matches(w: &CompiledWorkload, p: &Pod) -> bool {
     let g = |m: &Option<globset::GlobMatcher>, v: Option<&str>| {
-        m.as_ref()
-            .is_none_or(|m| v.is_some_and(|v| m.is_match(v)))
+        m.as_ref().is_none_or(|m| v.is_some_and(|v| m.is_match(v)))
     };
     g(&w.namespace, Some(&p.namespace))
         && g(&w.pod, Some(&p.name))
@@ -194,7 +193,10 @@ mod tests {
             "k8s:shop/pod/debug"
         );
         assert_eq!(
-            source_workload(&r, &rec(None, Some("nginx.service"), "/system.slice/nginx.service")),
+            source_workload(
+                &r,
+                &rec(None, Some("nginx.service"), "/system.slice/nginx.service")
+            ),
             "unit:nginx.service"
         );
         assert_eq!(
@@ -218,7 +220,10 @@ mod tests {
 ",
         );
         let cg = "/x";
-        assert_eq!(source_workload(&r, &rec(Some(checkout("checkout-1")), None, cg)), "exact");
+        assert_eq!(
+            source_workload(&r, &rec(Some(checkout("checkout-1")), None, cg)),
+            "exact"
+        );
         // One label off: not that workload (falls back to the pod's owner).
         let mut p = checkout("checkout-1");
         p.labels.insert("tier".into(), "batch".into());
@@ -232,7 +237,10 @@ mod tests {
         let mut p = checkout("fluent-bit-x");
         p.namespace = "logging".into();
         p.owner_kind = Some("DaemonSet".into());
-        assert_eq!(source_workload(&r, &rec(Some(p), None, cg)), "any-daemonset");
+        assert_eq!(
+            source_workload(&r, &rec(Some(p), None, cg)),
+            "any-daemonset"
+        );
         assert_eq!(
             source_workload(&r, &rec(None, Some("nginx.service"), cg)),
             "by-unit"

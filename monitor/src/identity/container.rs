@@ -122,7 +122,9 @@ fn kube_segment(seg: &str, in_kube: bool) -> Option<(Option<Qos>, Option<String>
         }
         if let Some(uid) = seg.strip_prefix("pod")
             && uid.len() >= 32
-            && uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-' || b == b'_')
+            && uid
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b'-' || b == b'_')
         {
             return Some((None, Some(uid.replace('_', "-"))));
         }
@@ -327,10 +329,7 @@ mod tests {
         // The pod's own cgroup: a pod, no container.
         let p = format!("/kubepods/burstable/pod{UID}");
         let i = parse_path(&p);
-        assert_eq!(
-            (i.pod_uid.as_deref(), i.container_id),
-            (Some(UID), None)
-        );
+        assert_eq!((i.pod_uid.as_deref(), i.container_id), (Some(UID), None));
     }
 
     #[test]
@@ -444,13 +443,15 @@ mod tests {
             parse_proc_cgroup(&text),
             container(None, Some(UID), Some(Qos::Burstable))
         );
-        let text = format!("0::/kubepods.slice/kubepods-pod{UID_}.slice/cri-containerd-{ID}.scope\n");
+        let text =
+            format!("0::/kubepods.slice/kubepods-pod{UID_}.slice/cri-containerd-{ID}.scope\n");
         assert_eq!(
             parse_proc_cgroup(&text),
             container(Some(Runtime::Containerd), Some(UID), Some(Qos::Guaranteed))
         );
         // A host service on a v1 host: systemd's hierarchy names the unit.
-        let text = "4:memory:/system.slice/nginx.service\n1:name=systemd:/system.slice/nginx.service\n";
+        let text =
+            "4:memory:/system.slice/nginx.service\n1:name=systemd:/system.slice/nginx.service\n";
         assert_eq!(
             parse_proc_cgroup(text).unit.as_deref(),
             Some("nginx.service")
@@ -460,11 +461,11 @@ mod tests {
 
     #[test]
     fn runtime_names() {
+        assert_eq!(serde_json::to_string(&Runtime::CriO).unwrap(), "\"cri-o\"");
         assert_eq!(
-            serde_json::to_string(&Runtime::CriO).unwrap(),
-            "\"cri-o\""
+            Runtime::from_scheme("containerd"),
+            Some(Runtime::Containerd)
         );
-        assert_eq!(Runtime::from_scheme("containerd"), Some(Runtime::Containerd));
         assert_eq!(Runtime::from_scheme("cri-o"), Some(Runtime::CriO));
         assert_eq!(Runtime::from_scheme("rkt"), None);
     }

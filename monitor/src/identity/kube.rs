@@ -147,8 +147,10 @@ pub struct PodEntry {
 /// CronJob-made Jobs are named `<cronjob>-<scheduled time in minutes>`.
 fn cronjob_of(job: &str) -> Option<&str> {
     let (base, suffix) = job.rsplit_once('-')?;
-    (!base.is_empty() && (8..=10).contains(&suffix.len()) && suffix.bytes().all(|b| b.is_ascii_digit()))
-        .then_some(base)
+    (!base.is_empty()
+        && (8..=10).contains(&suffix.len())
+        && suffix.bytes().all(|b| b.is_ascii_digit()))
+    .then_some(base)
 }
 
 impl PodObject {
@@ -297,10 +299,18 @@ impl PodCache {
         let found = container_id
             .and_then(|c| {
                 let e = m.pods.get(m.by_container.get(c)?)?;
-                let rt = e.containers.iter().find(|(id, _)| id == c).and_then(|x| x.1);
+                let rt = e
+                    .containers
+                    .iter()
+                    .find(|(id, _)| id == c)
+                    .and_then(|x| x.1);
                 Some((e.pod.clone(), rt))
             })
-            .or_else(|| pod_uid.and_then(|u| m.pods.get(u)).map(|e| (e.pod.clone(), None)));
+            .or_else(|| {
+                pod_uid
+                    .and_then(|u| m.pods.get(u))
+                    .map(|e| (e.pod.clone(), None))
+            });
         let counter = if found.is_some() {
             &self.c.hits
         } else {
@@ -323,7 +333,11 @@ impl PodCache {
     }
 
     pub fn len(&self) -> usize {
-        self.maps.read().unwrap_or_else(|p| p.into_inner()).pods.len()
+        self.maps
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .pods
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -607,7 +621,11 @@ impl Client {
                 if code == Some(410) {
                     return Ok(WatchEnd::Expired);
                 }
-                let reason = ev.object.get("reason").and_then(Value::as_str).unwrap_or("");
+                let reason = ev
+                    .object
+                    .get("reason")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
                 bail!("watch error {}: {reason}", code.unwrap_or(0));
             }
             c.watch_events.fetch_add(1, Relaxed);
@@ -625,8 +643,7 @@ impl Client {
                     }
                 }
                 "DELETED" => {
-                    if let Some(uid) = ev.object.pointer("/metadata/uid").and_then(Value::as_str)
-                    {
+                    if let Some(uid) = ev.object.pointer("/metadata/uid").and_then(Value::as_str) {
                         self.cache.remove(uid);
                     }
                 }
@@ -740,7 +757,10 @@ mod tests {
         );
         // A ReplicaSet of its own (no template hash) stays one.
         let e = parse_pod(&pod(rs, json!({}))).unwrap();
-        assert_eq!(e.pod.owner().as_deref(), Some("ReplicaSet/checkout-7d9c5b8f6"));
+        assert_eq!(
+            e.pod.owner().as_deref(),
+            Some("ReplicaSet/checkout-7d9c5b8f6")
+        );
         for (kind, name, want) in [
             ("DaemonSet", "fluentbit", "DaemonSet/fluentbit"),
             ("StatefulSet", "db", "StatefulSet/db"),
@@ -748,7 +768,14 @@ mod tests {
             ("Job", "backup-29012345", "CronJob/backup"),
         ] {
             let o = json!([{"kind": kind, "name": name, "controller": true}]);
-            assert_eq!(parse_pod(&pod(o, json!({}))).unwrap().pod.owner().as_deref(), Some(want));
+            assert_eq!(
+                parse_pod(&pod(o, json!({})))
+                    .unwrap()
+                    .pod
+                    .owner()
+                    .as_deref(),
+                Some(want)
+            );
         }
         // Bare and static (Node-owned) pods.
         let e = parse_pod(&pod(json!([]), json!({}))).unwrap();
@@ -763,7 +790,10 @@ mod tests {
         let c = PodCache::new();
         let e = parse_pod(&pod(json!([]), json!({}))).unwrap();
         c.upsert(e);
-        assert_eq!(c.lookup(Some("abcdef"), None).unwrap().1, Some(Runtime::Containerd));
+        assert_eq!(
+            c.lookup(Some("abcdef"), None).unwrap().1,
+            Some(Runtime::Containerd)
+        );
         assert!(c.lookup(Some("zzz"), Some("u-1")).is_some(), "by pod uid");
         assert!(c.lookup(Some("zzz"), None).is_none());
         c.remove("u-1");

@@ -14,10 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use self::{
-    container::CgroupInfo,
-    kube::PodCache,
-};
+use self::{container::CgroupInfo, kube::PodCache};
 
 const MAX_CACHE: usize = 65536;
 

@@ -109,7 +109,8 @@ pub fn compile(files: Vec<(PathBuf, String, RulesFile)>) -> Result<Rules, Vec<Ru
                 identity: w.identity.clone(),
             };
             if let Some(o) = &w.selector.owner
-                && o.split_once('/').is_none_or(|(k, n)| k.is_empty() || n.is_empty())
+                && o.split_once('/')
+                    .is_none_or(|(k, n)| k.is_empty() || n.is_empty())
             {
                 c.err(
                     &format!("name: {}", w.name),
@@ -452,11 +453,16 @@ detections:
         .unwrap_err();
         let shown: Vec<String> = e.iter().map(|e| e.to_string()).collect();
         assert!(
-            shown.iter().any(|s| s.starts_with("k.yaml:3:14: workload `checkout` owner: expected `Kind/name`")),
+            shown
+                .iter()
+                .any(|s| s
+                    .starts_with("k.yaml:3:14: workload `checkout` owner: expected `Kind/name`")),
             "{shown:#?}"
         );
         assert!(
-            shown.iter().any(|s| s.starts_with("k.yaml:5:26: workload `b` namespace: bad glob")),
+            shown
+                .iter()
+                .any(|s| s.starts_with("k.yaml:5:26: workload `b` namespace: bad glob")),
             "{shown:#?}"
         );
     }

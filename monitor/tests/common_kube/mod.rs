@@ -24,7 +24,9 @@ pub struct Request {
 
 impl Request {
     pub fn is_watch(&self) -> bool {
-        self.query.get("watch").is_some_and(|w| w == "1" || w == "true")
+        self.query
+            .get("watch")
+            .is_some_and(|w| w == "1" || w == "true")
     }
 }
 
@@ -134,7 +136,10 @@ impl FakeApi {
     }
 
     pub fn watches(&self) -> Vec<Request> {
-        self.requests().into_iter().filter(|r| r.is_watch()).collect()
+        self.requests()
+            .into_iter()
+            .filter(|r| r.is_watch())
+            .collect()
     }
 
     /// Waits until `n` watch requests have come, returns the last.
@@ -213,7 +218,8 @@ fn serve(conn: TcpStream, st: Arc<(Mutex<State>, Condvar)>) {
         (plan, s.list.clone())
     };
     if req.path != "/api/v1/pods" {
-        let _ = w.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        let _ = w
+            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
         return;
     }
     if !watch {
