@@ -4,6 +4,7 @@
 //! (rotating) bearer token are sent. No root needed.
 
 mod common_kube;
+mod common_log;
 
 use std::{sync::Arc, time::Duration};
 
@@ -272,4 +273,75 @@ fn unreachable_api_is_counted_and_retried() {
     let s = cache.stats();
     assert!(!s.synced && s.pods == 0 && s.lists == 0, "{s:?}");
     cache.stop();
+}
+
+/// Replay needs no API: the pod travels in the event log. Two replicas of one Deployment
+/// are one workload (sharing a token is no replay); another namespace's pod presenting it is.
+#[test]
+fn replay_uses_the_pod_in_the_log() {
+    use monitor::identity::kube::Pod;
+    let dir = tempfile::tempdir().unwrap();
+    let pod_of = |ns: &str, name: &str, owner: &str| {
+        Arc::new(Pod {
+            namespace: ns.into(),
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            service_account: Some(owner.into()),
+            owner_kind: Some("Deployment".into()),
+            owner_name: Some(owner.into()),
+            ..Pod::default()
+        })
+    };
+    let mut evs = Vec::new();
+    for (i, (ns, name, owner)) in [
+        ("shop", "checkout-7d9c5b8f6-aaaaa", "checkout"),
+        ("shop", "checkout-7d9c5b8f6-bbbbb", "checkout"),
+        ("attack", "miner-5f5d8c9b7-ccccc", "miner"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut e = common_log::request(
+            i as u64,
+            &format!("/kubepods/pod-{i}/c"),
+            "tok-k8s-shared",
+            "/api/a",
+        );
+        e.container_id = Some(Arc::from(C_A1));
+        e.runtime = Some(Runtime::Containerd);
+        e.pod = Some(pod_of(ns, name, owner));
+        evs.push(e);
+    }
+    let log = common_log::write_log(dir.path(), "k.jsonl", &evs);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_monitor"))
+        .args(["replay", "--events", &log, "--key-file"])
+        .arg(dir.path().join("key"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let recs: Vec<&Value> = lines.iter().filter(|v| v.get("schema").is_none()).collect();
+    assert_eq!(recs.len(), 3);
+    assert_eq!(recs[1]["pod"]["name"], "checkout-7d9c5b8f6-bbbbb");
+    assert_eq!(recs[1]["runtime"], "containerd");
+    let replays: Vec<&Value> = lines
+        .iter()
+        .filter(|v| v["rule"] == "token-replay")
+        .collect();
+    assert_eq!(replays.len(), 1, "{lines:#?}");
+    let a = replays[0];
+    assert_eq!(a["first_seen_by"], "k8s:shop/Deployment/checkout");
+    assert_eq!(a["source"]["workload"], "k8s:attack/Deployment/miner");
+    assert_eq!(a["source"]["namespace"], "attack");
+    assert_eq!(a["source"]["pod"], "attack/miner-5f5d8c9b7-ccccc");
+    assert_eq!(a["source"]["service_account"], "miner");
+    assert_eq!(a["source"]["runtime"], "containerd");
 }
