@@ -44,10 +44,32 @@ pub struct AlertSource {
     pub exe: Option<Arc<str>>,
     pub cgroup: Option<Arc<str>>,
     pub container_id: Option<String>,
+    /// `namespace/name`.
     pub pod: Option<String>,
     pub node: String,
     pub ip: Option<IpAddr>,
     pub port: Option<u16>,
+    // Added within v1: optional, absent when unknown (older readers ignore them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<crate::identity::container::Runtime>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// The pod's controller (`Deployment`, `DaemonSet`, ...) and its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_name: Option<String>,
+    /// systemd unit of a host process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -13,6 +13,8 @@ use monitor_common::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::identity::{container::Runtime, kube::Pod};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
@@ -103,6 +105,23 @@ pub struct Event {
     /// cgroup (v2) path, resolved at capture time.
     #[serde(default)]
     pub cgroup: Option<Arc<str>>,
+    /// Container (64 hex) named by the cgroup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<Arc<str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<Runtime>,
+    /// Pod uid named by the cgroup (kubelet layout), known even without the API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<Arc<str>>,
+    /// The pod, from the Kubernetes API at capture time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<Arc<Pod>>,
+    /// systemd unit of a host process (`nginx.service`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<Arc<str>>,
+    /// Effective uid of the process, as the host sees it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
     pub direction: Direction,
     pub source: Source,
     /// Derived from `source`; in the log for readers that do not know the sources.
@@ -157,6 +176,12 @@ impl Event {
             node: String::new(),
             exe: None,
             cgroup: None,
+            container_id: None,
+            runtime: None,
+            pod_uid: None,
+            pod: None,
+            unit: None,
+            uid: None,
             tls: source.is_tls(),
             library: source.library().map(str::to_string),
             ts_ns: h.ts_ns,

@@ -17,6 +17,7 @@ use serde::Serialize;
 use crate::{
     credential::{self, Credential, CredentialConfig, Fingerprinter},
     event::{Direction, Event, Flow, Kind, Source},
+    identity::{container::Runtime, kube::Pod},
     parse::{self, Message, ParseError, Parser, Sniff},
 };
 
@@ -58,6 +59,19 @@ pub struct RequestRecord {
     pub exe: Option<Arc<str>>,
     pub cgroup_id: u64,
     pub cgroup: Option<Arc<str>>,
+    /// Container, pod, unit and uid of the observing process (see `Event`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<Arc<str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<Runtime>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<Arc<str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<Arc<Pod>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unit: Option<Arc<str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
     pub netns: u32,
     /// Whether the observing process sent the request (client) or received it (server).
     pub side: &'static str,
@@ -385,6 +399,12 @@ impl Pipeline {
             exe: ev.exe.clone(),
             cgroup_id: ev.cgroup_id,
             cgroup: ev.cgroup.clone(),
+            container_id: ev.container_id.clone(),
+            runtime: ev.runtime,
+            pod_uid: ev.pod_uid.clone(),
+            pod: ev.pod.clone(),
+            unit: ev.unit.clone(),
+            uid: ev.uid,
             netns: conn.netns,
             side,
             source: None,

@@ -14,7 +14,10 @@ use tracing::{info, warn};
 use monitor::{
     credential::Fingerprinter,
     event::{Event, Kind},
-    identity::{self, Identity},
+    identity::{
+        self, Identity,
+        kube::{self, KubeConfig, PodCache},
+    },
     pipeline::{self, Pipeline, RequestRecord},
     probe::{self, ProbeSet, Probes, attacher::Attacher},
 };
@@ -54,8 +57,54 @@ pub struct RunArgs {
     /// is attached) on this address, e.g. 127.0.0.1:9464. Off unless given.
     #[arg(long, env = "MONITOR_METRICS_ADDR", value_name = "ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Kubernetes API server whose pods of `--node` name the containers (e.g.
+    /// `http://127.0.0.1:8001` through `kubectl proxy`). Default: the in-cluster API when
+    /// `KUBERNETES_SERVICE_HOST` is set, with the pod's service account.
+    #[arg(long, env = "MONITOR_KUBE_API", value_name = "URL")]
+    pub kube_api: Option<String>,
+    /// Bearer token for `--kube-api` (re-read before each request: tokens rotate).
+    #[arg(long, env = "MONITOR_KUBE_TOKEN_FILE", value_name = "PATH")]
+    pub kube_token_file: Option<PathBuf>,
+    /// CA bundle (PEM) for an https `--kube-api`.
+    #[arg(long, env = "MONITOR_KUBE_CA_FILE", value_name = "PATH")]
+    pub kube_ca_file: Option<PathBuf>,
+    /// Do not ask the Kubernetes API even in a cluster: process identity only.
+    #[arg(long)]
+    pub no_kube: bool,
     #[command(flatten)]
     pub detect: crate::outputs::DetectArgs,
+}
+
+/// The pod cache and its watcher, if a cluster is configured; said once either way.
+fn start_kube(args: &RunArgs, node: &str) -> Result<Option<std::sync::Arc<PodCache>>> {
+    let cfg = if args.no_kube {
+        None
+    } else if let Some(api) = &args.kube_api {
+        let mut c = KubeConfig::new(api, node);
+        c.token_file = args.kube_token_file.clone();
+        c.ca_file = args.kube_ca_file.clone();
+        Some(c)
+    } else {
+        KubeConfig::in_cluster(node).map(|mut c| {
+            if args.kube_token_file.is_some() {
+                c.token_file = args.kube_token_file.clone();
+            }
+            if args.kube_ca_file.is_some() {
+                c.ca_file = args.kube_ca_file.clone();
+            }
+            c
+        })
+    };
+    let Some(cfg) = cfg else {
+        info!(
+            "no Kubernetes API configured: workloads are named by process identity (cgroup, systemd unit, executable)"
+        );
+        return Ok(None);
+    };
+    info!(api = %cfg.api, node, "resolving containers to pods through the Kubernetes API");
+    let cache = PodCache::new();
+    kube::spawn(cfg, cache.clone())?;
+    Ok(Some(cache))
 }
 
 /// What `/metrics` and `/ready` answer, refreshed by the capture loop.
@@ -345,11 +394,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // SAFETY: the ring buffer map is owned by the AsyncFd, so its fd outlives the registration.
     let mut ring =
         unsafe { AsyncFd::register(probes.take_events()?) }.context("polling the ring buffer")?;
+    let pods = start_kube(&args, &node)?;
     let mut ctx = Ctx {
         probes,
         attacher,
         pipe: Pipeline::new(fp),
-        identity: Identity::new(),
+        identity: match &pods {
+            Some(p) => Identity::new().with_pods(p.clone()),
+            None => Identity::new(),
+        },
         boot_offset: pipeline::boot_offset_ns(),
         node,
         recorder: args.record.as_deref().map(Recorder::create).transpose()?,
@@ -444,6 +497,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         "pipeline": pipe.stats,
         "detect": outputs.detector.stats,
         "outputs": notify,
+        "kube": pods.as_ref().map(|p| p.stats()),
     });
     info!(summary = %summary, "monitor stopped");
     if lost > 0 {

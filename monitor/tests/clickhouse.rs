@@ -72,6 +72,12 @@ fn record(r: Req) -> RequestRecord {
         exe: Some(Arc::from("/usr/bin/client")),
         cgroup_id: 7,
         cgroup: Some(Arc::from("/kubepods/pod-1/c-1")),
+        container_id: None,
+        runtime: None,
+        pod_uid: None,
+        pod: None,
+        unit: None,
+        uid: None,
         netns: 1,
         side: "client",
         source: Some(Endpoint {
@@ -184,7 +190,7 @@ async fn schema_created_and_migrated_from_v1() {
     let r = schema::migrate(&c, &cfg).await.unwrap();
     assert_eq!(
         (r.from, r.to, r.applied.clone()),
-        (1, schema::LATEST, vec![2])
+        (1, schema::LATEST, vec![2, 3])
     );
     assert_eq!(scalar(&c, has_side).await, 1);
     assert_eq!(
@@ -245,11 +251,81 @@ async fn schema_created_and_migrated_from_v1() {
         .await
         .unwrap();
     sink.record(&plain(1, now_ns()), "n1", "new");
+    // v3: the source's container, pod and owner.
+    let mut in_pod = plain(2, now_ns());
+    in_pod.container_id = Some(Arc::from(
+        "9f3a1c5e7b2d4f6081a3c5e7092b4d6f8a1c3e5f7092b4d6f8a1c3e5f7092b4d",
+    ));
+    in_pod.runtime = Some(monitor::identity::container::Runtime::Containerd);
+    in_pod.uid = Some(1000);
+    in_pod.pod = Some(Arc::new(monitor::identity::kube::Pod {
+        namespace: "shop".into(),
+        name: "checkout-7d9c5b8f6-x2x4q".into(),
+        uid: "4c0f9e2a-6b1d-4e8f-9a3c-7d5e2f1b0a9c".into(),
+        service_account: Some("checkout".into()),
+        labels: BTreeMap::from([("app".into(), "checkout".into())]),
+        owner_kind: Some("Deployment".into()),
+        owner_name: Some("checkout".into()),
+        node: Some("n1".into()),
+    }));
+    in_pod.credentials = bearer("v3-token");
+    sink.record(&in_pod, "n1", "k8s:shop/Deployment/checkout");
+    sink.alert(&alert(json!({
+        "time": "2026-11-23T10:00:00Z", "id": "v3-alert", "rule": "off-path", "severity": "medium",
+        "source": {"workload": "k8s:shop/Deployment/checkout", "pod": "shop/checkout-7d9c5b8f6-x2x4q",
+                   "namespace": "shop", "service_account": "checkout", "owner_kind": "Deployment",
+                   "owner_name": "checkout", "runtime": "cri-o", "unit": null, "uid": 0,
+                   "labels": {"app": "checkout"}},
+    })));
     sink.shutdown().await.unwrap();
+    let rows = json_rows(
+        &c,
+        "SELECT source_pod, source_runtime, source_namespace, source_service_account, source_owner, \
+         source_labels, source_uid FROM mig.alerts WHERE id = 'v3-alert'",
+        &[],
+    )
+    .await;
+    assert_eq!(
+        rows,
+        vec![json!({
+            "source_pod": "shop/checkout-7d9c5b8f6-x2x4q", "source_runtime": "cri-o",
+            "source_namespace": "shop", "source_service_account": "checkout",
+            "source_owner": "Deployment/checkout", "source_labels": {"app": "checkout"},
+            "source_uid": 0,
+        })]
+    );
     assert_eq!(
         scalar(
             &c,
             "SELECT count() FROM mig.flows WHERE source_workload = 'new' AND side = 'client'"
+        )
+        .await,
+        1
+    );
+    let rows = json_rows(
+        &c,
+        "SELECT source_container_id, source_runtime, source_namespace, source_pod, source_pod_uid, \
+         source_service_account, source_owner, source_labels, source_uid \
+         FROM mig.flows WHERE source_workload = 'k8s:shop/Deployment/checkout'",
+        &[],
+    )
+    .await;
+    assert_eq!(
+        rows,
+        vec![json!({
+            "source_container_id": "9f3a1c5e7b2d4f6081a3c5e7092b4d6f8a1c3e5f7092b4d6f8a1c3e5f7092b4d",
+            "source_runtime": "containerd", "source_namespace": "shop",
+            "source_pod": "checkout-7d9c5b8f6-x2x4q",
+            "source_pod_uid": "4c0f9e2a-6b1d-4e8f-9a3c-7d5e2f1b0a9c",
+            "source_service_account": "checkout", "source_owner": "Deployment/checkout",
+            "source_labels": {"app": "checkout"}, "source_uid": 1000,
+        })]
+    );
+    assert_eq!(
+        scalar(
+            &c,
+            "SELECT count() FROM mig.credential_observations WHERE source_namespace = 'shop' \
+             AND source_service_account = 'checkout' AND source_owner = 'Deployment/checkout'"
         )
         .await,
         1

@@ -52,6 +52,7 @@ fn golden() -> Alert {
             node: "node-1".into(),
             ip: Some("10.0.0.9".parse().unwrap()),
             port: Some(53122),
+            ..Default::default()
         },
         destination: AlertDestination {
             workload: Some("ledger".into()),

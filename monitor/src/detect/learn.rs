@@ -76,6 +76,21 @@ impl Graph {
                     exe: Some(e.to_string()),
                     ..Default::default()
                 }
+            } else if obs.source.starts_with("k8s:")
+                && let Some(pod) = rec.pod.as_deref()
+            {
+                // `k8s:<ns>/<Kind>/<name>`, or `k8s:<ns>/pod/<name>` for a bare pod.
+                Selector {
+                    namespace: Some(pod.namespace.clone()),
+                    owner: pod.owner(),
+                    pod: pod.owner().is_none().then(|| pod.name.clone()),
+                    ..Default::default()
+                }
+            } else if let Some(u) = obs.source.strip_prefix("unit:") {
+                Selector {
+                    unit: Some(u.to_string()),
+                    ..Default::default()
+                }
             } else if let Some(c) = obs.source.strip_prefix("comm:") {
                 Selector {
                     comm: Some(c.to_string()),
@@ -142,12 +157,7 @@ impl Graph {
             n
         };
         for (implicit, sel) in &self.workloads {
-            if known_w.contains(implicit)
-                || (sel.cgroup.is_none()
-                    && sel.exe.is_none()
-                    && sel.comm.is_none()
-                    && sel.ips.is_empty())
-            {
+            if known_w.contains(implicit) || sel.is_empty() {
                 continue;
             }
             let name = name_for(implicit, &mut taken);

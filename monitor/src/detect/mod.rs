@@ -346,7 +346,6 @@ impl Detector {
             .rules
             .owner_of(&obs.source)
             .map(|o| json!({"team": o.team, "contact": o.contact}));
-        let src = rec.source.as_ref();
         Alert {
             schema: SCHEMA.into(),
             time: rfc3339(obs.time_ns),
@@ -355,22 +354,7 @@ impl Detector {
             severity,
             summary: f.summary.clone(),
             credential: credential.unwrap_or_default(),
-            source: AlertSource {
-                workload: obs.source.clone(),
-                pid: if client { rec.pid } else { 0 },
-                comm: if client {
-                    rec.comm.clone()
-                } else {
-                    String::new()
-                },
-                exe: if client { rec.exe.clone() } else { None },
-                cgroup: if client { rec.cgroup.clone() } else { None },
-                container_id: None,
-                pod: None,
-                node: obs.node.to_string(),
-                ip: src.map(|e| e.ip),
-                port: src.map(|e| e.port),
-            },
+            source: source(obs, client),
             destination: AlertDestination {
                 workload: Some(obs.destination.clone()),
                 ip: rec.destination.as_ref().map(|e| e.ip),
@@ -446,6 +430,42 @@ impl Detector {
     pub(crate) fn shared(&self) -> Option<&Arc<dyn SharedBindings>> {
         self.shared.as_ref()
     }
+}
+
+/// The alert's source: the presenting process's identity when it was observed (client side),
+/// only its address otherwise.
+fn source(obs: &Obs, client: bool) -> AlertSource {
+    let rec = obs.rec;
+    let src = rec.source.as_ref();
+    let mut s = AlertSource {
+        workload: obs.source.clone(),
+        node: obs.node.to_string(),
+        ip: src.map(|e| e.ip),
+        port: src.map(|e| e.port),
+        ..AlertSource::default()
+    };
+    if !client {
+        return s;
+    }
+    s.pid = rec.pid;
+    s.comm = rec.comm.clone();
+    s.exe = rec.exe.clone();
+    s.cgroup = rec.cgroup.clone();
+    s.container_id = rec.container_id.as_deref().map(str::to_string);
+    s.runtime = rec.runtime;
+    s.unit = rec.unit.as_deref().map(str::to_string);
+    s.uid = rec.uid;
+    s.pod_uid = rec.pod_uid.as_deref().map(str::to_string);
+    if let Some(p) = rec.pod.as_deref() {
+        s.pod = Some(format!("{}/{}", p.namespace, p.name));
+        s.pod_uid = Some(p.uid.clone());
+        s.namespace = Some(p.namespace.clone());
+        s.service_account = p.service_account.clone();
+        s.labels = p.labels.clone();
+        s.owner_kind = p.owner_kind.clone();
+        s.owner_name = p.owner_name.clone();
+    }
+    s
 }
 
 #[cfg(test)]

@@ -61,6 +61,12 @@ fn req(cgroup: &str, dst: &str, tls: bool, t_secs: u64, creds: Vec<Credential>) 
         exe: Some("/usr/bin/curl".into()),
         cgroup_id: 7,
         cgroup: Some(cgroup.into()),
+        container_id: None,
+        runtime: None,
+        pod_uid: None,
+        pod: None,
+        unit: None,
+        uid: None,
         netns: 1,
         side: "client",
         source: Some(Endpoint {
@@ -559,4 +565,46 @@ fn learnt_rules_round_trip_into_enforce() {
     );
     assert_eq!(fired(&loud, "token-replay").len(), 1, "{loud:#?}");
     assert_eq!(fired(&loud, "off-path").len(), 1, "{loud:#?}");
+}
+
+#[test]
+fn learn_names_pods_by_owner_and_enforce_selects_them() {
+    use crate::identity::kube::Pod;
+    let pod = |name: &str| {
+        Some(Arc::new(Pod {
+            namespace: "shop".into(),
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            owner_kind: Some("Deployment".into()),
+            owner_name: Some("checkout".into()),
+            ..Pod::default()
+        }))
+    };
+    let mut a = req("/kubepods/a", "10.9.0.1", true, 0, vec![cred(FP, None)]);
+    a.pod = pod("checkout-7d9-a");
+    let mut b = req("/kubepods/b", "10.9.0.1", true, 1, vec![cred(FP, None)]);
+    b.pod = pod("checkout-7d9-b");
+    let empty = Arc::new(Rules::default());
+    let mut d = Detector::new(empty, "n1", Some(crate::rules::Mode::Learn), None);
+    let mut out = Vec::new();
+    d.observe(&a, &mut out);
+    d.observe(&b, &mut out);
+    let yaml = serde_yaml_ng::to_string(&d.learnt_rules()).unwrap();
+    let f = std::path::PathBuf::from("learnt.yaml");
+    let parsed = check::parse(&f, &yaml).unwrap();
+    let rules = Arc::new(
+        check::compile(vec![(f, yaml.clone(), parsed)]).unwrap_or_else(|e| panic!("{e:?}\n{yaml}")),
+    );
+    // One workload for both replicas, selected by namespace and owner.
+    assert_eq!(rules.workloads.len(), 1, "{yaml}");
+    assert_eq!(rules.workloads[0].name, "checkout", "{yaml}");
+    assert!(
+        yaml.contains("namespace: shop") && yaml.contains("owner: Deployment/checkout"),
+        "{yaml}"
+    );
+    // A third replica, never seen, is the same workload under enforce: quiet.
+    let mut c = req("/kubepods/c", "10.9.0.1", true, 2, vec![cred(FP, None)]);
+    c.pod = pod("checkout-7d9-c");
+    let quiet = run(&rules, "n1", &[c]);
+    assert!(quiet.is_empty(), "{quiet:#?}");
 }

@@ -99,12 +99,40 @@ pub fn compile(files: Vec<(PathBuf, String, RulesFile)>) -> Result<Rules, Vec<Ru
                 exe: None,
                 comm: w.selector.comm.clone(),
                 nets: Vec::new(),
+                unit: None,
+                namespace: None,
+                pod: None,
+                service_account: None,
+                labels: w.selector.labels.clone(),
+                pod_owner: None,
                 owner: w.owner.clone(),
                 identity: w.identity.clone(),
             };
+            if let Some(o) = &w.selector.owner
+                && o.split_once('/')
+                    .is_none_or(|(k, n)| k.is_empty() || n.is_empty())
+            {
+                c.err(
+                    &format!("name: {}", w.name),
+                    &format!("owner: {o}"),
+                    format!(
+                        "workload `{}` owner: expected `Kind/name` such as `Deployment/checkout`, got `{o}`",
+                        w.name
+                    ),
+                );
+            }
             for (field, pat, slot) in [
                 ("cgroup", &w.selector.cgroup, &mut cw.cgroup),
                 ("exe", &w.selector.exe, &mut cw.exe),
+                ("unit", &w.selector.unit, &mut cw.unit),
+                ("namespace", &w.selector.namespace, &mut cw.namespace),
+                ("pod", &w.selector.pod, &mut cw.pod),
+                (
+                    "service_account",
+                    &w.selector.service_account,
+                    &mut cw.service_account,
+                ),
+                ("owner", &w.selector.owner, &mut cw.pod_owner),
             ] {
                 if let Some(p) = pat {
                     match glob(p) {
@@ -127,12 +155,8 @@ pub fn compile(files: Vec<(PathBuf, String, RulesFile)>) -> Result<Rules, Vec<Ru
                     ),
                 }
             }
-            if w.selector.cgroup.is_none()
-                && w.selector.exe.is_none()
-                && w.selector.comm.is_none()
-                && w.selector.ips.is_empty()
-            {
-                c.err(&format!("name: {}", w.name), &w.name, format!("workload `{}` has an empty `match`: expected one of cgroup, exe, comm, ips", w.name));
+            if w.selector.is_empty() {
+                c.err(&format!("name: {}", w.name), &w.name, format!("workload `{}` has an empty `match`: expected one of cgroup, exe, comm, unit, ips, namespace, pod, service_account, labels, owner", w.name));
             }
             rules.workloads.push(cw);
         }
@@ -412,6 +436,35 @@ detections:
             load_str(&[("r.yaml", "detections:\n  token-reuse: { enabled: true }\n")]).unwrap_err();
         assert_eq!(e[0].line, 2);
         assert!(e[0].message.contains("unknown detection `token-reuse`"));
+    }
+
+    #[test]
+    fn kubernetes_selectors_are_checked() {
+        let r = load_str(&[(
+            "k.yaml",
+            "workloads:\n  - name: checkout\n    match: { namespace: shop, owner: Deployment/checkout, labels: { app: checkout } }\n",
+        )])
+        .unwrap();
+        assert!(r.workloads[0].by_pod() && r.workloads[0].by_process());
+        let e = load_str(&[(
+            "k.yaml",
+            "workloads:\n  - name: checkout\n    match: { owner: checkout }\n  - name: b\n    match: { namespace: \"[shop\" }\n",
+        )])
+        .unwrap_err();
+        let shown: Vec<String> = e.iter().map(|e| e.to_string()).collect();
+        assert!(
+            shown
+                .iter()
+                .any(|s| s
+                    .starts_with("k.yaml:3:14: workload `checkout` owner: expected `Kind/name`")),
+            "{shown:#?}"
+        );
+        assert!(
+            shown
+                .iter()
+                .any(|s| s.starts_with("k.yaml:5:26: workload `b` namespace: bad glob")),
+            "{shown:#?}"
+        );
     }
 
     #[test]

@@ -82,6 +82,41 @@ pub struct Selector {
     /// Addresses or CIDRs: the static inventory for sources seen only by address.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ips: Vec<String>,
+    /// Glob on the systemd unit of a host process (`nginx.service`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    /// Kubernetes (from the API; a process whose pod is unknown matches none of these):
+    /// glob on the pod's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Glob on the pod's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// Glob on the pod's service account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+    /// Pod labels that must all be present with these values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Glob on the owning workload as `Kind/name` (`Deployment/checkout`, `DaemonSet/*`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+impl Selector {
+    /// No selector given at all.
+    pub fn is_empty(&self) -> bool {
+        self.cgroup.is_none()
+            && self.exe.is_none()
+            && self.comm.is_none()
+            && self.ips.is_empty()
+            && self.unit.is_none()
+            && self.namespace.is_none()
+            && self.pod.is_none()
+            && self.service_account.is_none()
+            && self.labels.is_empty()
+            && self.owner.is_none()
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -286,8 +321,35 @@ pub struct CompiledWorkload {
     pub exe: Option<GlobMatcher>,
     pub comm: Option<String>,
     pub nets: Vec<IpNet>,
+    pub unit: Option<GlobMatcher>,
+    pub namespace: Option<GlobMatcher>,
+    pub pod: Option<GlobMatcher>,
+    pub service_account: Option<GlobMatcher>,
+    pub labels: BTreeMap<String, String>,
+    /// `Kind/name` of the pod's owner (`owner` in the rules; not the team `owner`).
+    pub pod_owner: Option<GlobMatcher>,
     pub owner: Option<Owner>,
     pub identity: Option<K8sIdentity>,
+}
+
+impl CompiledWorkload {
+    /// Selects by the process itself (cgroup, exe, comm, unit, pod), not only by address.
+    pub fn by_process(&self) -> bool {
+        self.cgroup.is_some()
+            || self.exe.is_some()
+            || self.comm.is_some()
+            || self.unit.is_some()
+            || self.by_pod()
+    }
+
+    /// Selects by Kubernetes pod identity.
+    pub fn by_pod(&self) -> bool {
+        self.namespace.is_some()
+            || self.pod.is_some()
+            || self.service_account.is_some()
+            || !self.labels.is_empty()
+            || self.pod_owner.is_some()
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -26,6 +26,28 @@ pub struct FlowRow {
     pub source_cgroup: String,
     /// `client` or `server`: which end of the connection the monitor saw (v2).
     pub side: String,
+    /// The observing process's container, pod, unit and uid, like `source_exe` (v3).
+    #[serde(default)]
+    pub source_container_id: String,
+    #[serde(default)]
+    pub source_runtime: String,
+    #[serde(default)]
+    pub source_namespace: String,
+    #[serde(default)]
+    pub source_pod: String,
+    #[serde(default)]
+    pub source_pod_uid: String,
+    #[serde(default)]
+    pub source_service_account: String,
+    /// `Kind/name` (`Deployment/checkout`).
+    #[serde(default)]
+    pub source_owner: String,
+    #[serde(default)]
+    pub source_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub source_unit: String,
+    #[serde(default)]
+    pub source_uid: Option<u32>,
     pub source_ip: Ipv6Addr,
     pub source_port: u16,
     pub destination_ip: Ipv6Addr,
@@ -57,6 +79,15 @@ pub struct ObservationRow {
     pub source_workload: String,
     pub source_pid: u32,
     pub source_comm: String,
+    /// v3.
+    #[serde(default)]
+    pub source_namespace: String,
+    #[serde(default)]
+    pub source_pod: String,
+    #[serde(default)]
+    pub source_service_account: String,
+    #[serde(default)]
+    pub source_owner: String,
     pub source_ip: Ipv6Addr,
     pub destination_ip: Ipv6Addr,
     pub destination_port: u16,
@@ -86,6 +117,23 @@ pub struct AlertRow {
     pub source_cgroup: String,
     pub source_container_id: String,
     pub source_pod: String,
+    /// v3.
+    #[serde(default)]
+    pub source_runtime: String,
+    #[serde(default)]
+    pub source_pod_uid: String,
+    #[serde(default)]
+    pub source_namespace: String,
+    #[serde(default)]
+    pub source_service_account: String,
+    #[serde(default)]
+    pub source_owner: String,
+    #[serde(default)]
+    pub source_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub source_unit: String,
+    #[serde(default)]
+    pub source_uid: Option<u32>,
     pub source_node: String,
     pub source_ip: Ipv6Addr,
     pub source_port: u16,
@@ -186,6 +234,11 @@ pub fn request_rows(
     let destination_ip = ipv6(r.destination.as_ref().map(|e| e.ip));
     let destination_port = r.destination.as_ref().map_or(0, |e| e.port);
     let destination_host = opt(r.host.as_deref());
+    let pod = r.pod.as_deref();
+    let namespace = opt(pod.map(|p| p.namespace.as_str()));
+    let pod_name = opt(pod.map(|p| p.name.as_str()));
+    let service_account = opt(pod.and_then(|p| p.service_account.as_deref()));
+    let owner = pod.and_then(|p| p.owner()).unwrap_or_default();
     let obs = r
         .credentials
         .iter()
@@ -206,6 +259,10 @@ pub fn request_rows(
             source_workload: source_workload.to_string(),
             source_pid: r.pid,
             source_comm: r.comm.clone(),
+            source_namespace: namespace.clone(),
+            source_pod: pod_name.clone(),
+            source_service_account: service_account.clone(),
+            source_owner: owner.clone(),
             source_ip,
             destination_ip,
             destination_port,
@@ -225,6 +282,16 @@ pub fn request_rows(
         source_exe: opt(r.exe.as_deref()),
         source_cgroup: opt(r.cgroup.as_deref()),
         side: r.side.to_string(),
+        source_container_id: opt(r.container_id.as_deref()),
+        source_runtime: opt(r.runtime.map(|x| x.as_str())),
+        source_namespace: namespace,
+        source_pod: pod_name,
+        source_pod_uid: opt(pod.map(|p| p.uid.as_str()).or(r.pod_uid.as_deref())),
+        source_service_account: service_account,
+        source_owner: owner,
+        source_labels: pod.map(|p| p.labels.clone()).unwrap_or_default(),
+        source_unit: opt(r.unit.as_deref()),
+        source_uid: r.uid,
         source_ip,
         source_port: r.source.as_ref().map_or(0, |e| e.port),
         destination_ip,
@@ -283,6 +350,17 @@ pub fn alert_row(a: &Alert) -> AlertRow {
         source_cgroup: opt(a.source.cgroup.as_deref()),
         source_container_id: opt(a.source.container_id.as_deref()),
         source_pod: opt(a.source.pod.as_deref()),
+        source_runtime: opt(a.source.runtime.map(|x| x.as_str())),
+        source_pod_uid: opt(a.source.pod_uid.as_deref()),
+        source_namespace: opt(a.source.namespace.as_deref()),
+        source_service_account: opt(a.source.service_account.as_deref()),
+        source_owner: match (&a.source.owner_kind, &a.source.owner_name) {
+            (Some(k), Some(n)) => format!("{k}/{n}"),
+            _ => String::new(),
+        },
+        source_labels: a.source.labels.clone(),
+        source_unit: opt(a.source.unit.as_deref()),
+        source_uid: a.source.uid,
         source_node: a.source.node.clone(),
         source_ip: ipv6(a.source.ip),
         source_port: a.source.port.unwrap_or(0),

@@ -144,6 +144,36 @@ pub const FLOWS_V2: &str = "ALTER TABLE {db}.flows
     ADD COLUMN IF NOT EXISTS side LowCardinality(String) AFTER source_cgroup,
     ADD COLUMN IF NOT EXISTS database_name LowCardinality(String) AFTER path";
 
+/// v3: who the source is beyond the process: container, pod (namespace, name, uid, service
+/// account, owning workload as `Kind/name`, labels), systemd unit, uid.
+pub const FLOWS_V3: &str = "ALTER TABLE {db}.flows
+    ADD COLUMN IF NOT EXISTS source_container_id String AFTER side,
+    ADD COLUMN IF NOT EXISTS source_runtime LowCardinality(String) AFTER source_container_id,
+    ADD COLUMN IF NOT EXISTS source_namespace LowCardinality(String) AFTER source_runtime,
+    ADD COLUMN IF NOT EXISTS source_pod String AFTER source_namespace,
+    ADD COLUMN IF NOT EXISTS source_pod_uid String AFTER source_pod,
+    ADD COLUMN IF NOT EXISTS source_service_account LowCardinality(String) AFTER source_pod_uid,
+    ADD COLUMN IF NOT EXISTS source_owner LowCardinality(String) AFTER source_service_account,
+    ADD COLUMN IF NOT EXISTS source_labels Map(String, String) AFTER source_owner,
+    ADD COLUMN IF NOT EXISTS source_unit LowCardinality(String) AFTER source_labels,
+    ADD COLUMN IF NOT EXISTS source_uid Nullable(UInt32) AFTER source_unit";
+
+pub const CREDENTIAL_OBSERVATIONS_V3: &str = "ALTER TABLE {db}.credential_observations
+    ADD COLUMN IF NOT EXISTS source_namespace LowCardinality(String) AFTER source_comm,
+    ADD COLUMN IF NOT EXISTS source_pod String AFTER source_namespace,
+    ADD COLUMN IF NOT EXISTS source_service_account LowCardinality(String) AFTER source_pod,
+    ADD COLUMN IF NOT EXISTS source_owner LowCardinality(String) AFTER source_service_account";
+
+pub const ALERTS_V3: &str = "ALTER TABLE {db}.alerts
+    ADD COLUMN IF NOT EXISTS source_runtime LowCardinality(String) AFTER source_pod,
+    ADD COLUMN IF NOT EXISTS source_pod_uid String AFTER source_runtime,
+    ADD COLUMN IF NOT EXISTS source_namespace LowCardinality(String) AFTER source_pod_uid,
+    ADD COLUMN IF NOT EXISTS source_service_account LowCardinality(String) AFTER source_namespace,
+    ADD COLUMN IF NOT EXISTS source_owner LowCardinality(String) AFTER source_service_account,
+    ADD COLUMN IF NOT EXISTS source_labels Map(String, String) AFTER source_owner,
+    ADD COLUMN IF NOT EXISTS source_unit LowCardinality(String) AFTER source_labels,
+    ADD COLUMN IF NOT EXISTS source_uid Nullable(UInt32) AFTER source_unit";
+
 /// One step of the schema.
 pub struct Migration {
     pub version: u32,
@@ -167,6 +197,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 2,
         description: "flows.side, flows.database_name",
         statements: &[FLOWS_V2],
+    },
+    Migration {
+        version: 3,
+        description: "source container, pod, service account, owner, labels, unit, uid",
+        statements: &[FLOWS_V3, CREDENTIAL_OBSERVATIONS_V3, ALERTS_V3],
     },
 ];
 

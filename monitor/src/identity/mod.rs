@@ -1,4 +1,9 @@
-//! Who made a call: process (exe) and cgroup path from the cgroup id the kernel reports.
+//! Who made a call: process (exe, uid) and cgroup path from the cgroup id the kernel reports;
+//! from the path, the container or systemd unit (`container`); for containers, the pod
+//! (`kube`, when a Kubernetes API is configured).
+
+pub mod container;
+pub mod kube;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -9,14 +14,35 @@ use std::{
     time::{Duration, Instant},
 };
 
+use self::{container::CgroupInfo, kube::PodCache};
+
 const MAX_CACHE: usize = 65536;
 
+/// What is read once per process from /proc.
+#[derive(Clone, Default)]
+struct Proc {
+    exe: Option<Arc<str>>,
+    /// Effective uid (as the host sees it).
+    uid: Option<u32>,
+    /// From `/proc/<pid>/cgroup`, on hosts with v1 hierarchies (where the v2 path may not
+    /// show the container).
+    v1: Option<Arc<CgroupInfo>>,
+    /// uid and v1 read (an exec event gives only the exe: the rest is read on first use,
+    /// as most executed programs never send anything).
+    read: bool,
+}
+
 pub struct Identity {
-    /// (tgid, hash of comm) → exe; comm is in the key because exec keeps the pid.
-    exe: HashMap<(u32, u64), Option<Arc<str>>>,
+    /// (tgid, hash of comm) → process; comm is in the key because exec keeps the pid.
+    procs: HashMap<(u32, u64), Proc>,
     cgroups: HashMap<u64, Arc<str>>,
+    /// cgroup id → what its path says.
+    infos: HashMap<u64, Arc<CgroupInfo>>,
     cgroup_root: Option<PathBuf>,
     last_scan: Option<Instant>,
+    /// The host has cgroup v1 hierarchies (legacy or hybrid).
+    v1: bool,
+    pods: Option<Arc<PodCache>>,
 }
 
 impl Default for Identity {
@@ -27,47 +53,145 @@ impl Default for Identity {
 
 impl Identity {
     pub fn new() -> Self {
+        let v1 = fs::read_to_string("/proc/self/cgroup")
+            .is_ok_and(|t| t.lines().any(|l| !l.starts_with("0::")));
         Identity {
-            exe: HashMap::new(),
+            procs: HashMap::new(),
             cgroups: HashMap::new(),
+            infos: HashMap::new(),
             cgroup_root: cgroup2_root(),
             last_scan: None,
+            v1,
+            pods: None,
         }
     }
 
-    /// Fills in what the kernel cannot see: wall-clock time, node, executable, cgroup path.
-    /// Done once per event before it is recorded or parsed, so replay needs no /proc.
+    /// Containers are resolved to pods through this cache (fed by `kube::spawn`).
+    pub fn with_pods(mut self, pods: Arc<PodCache>) -> Self {
+        self.pods = Some(pods);
+        self
+    }
+
+    /// Fills in what the kernel cannot see: wall-clock time, node, executable, uid, cgroup
+    /// path, container or unit, pod. Done once per event before it is recorded or parsed, so
+    /// replay needs no /proc and no API.
     pub fn enrich(&mut self, ev: &mut crate::event::Event, boot_offset_ns: i128, node: &str) {
         ev.time_ns = (ev.ts_ns as i128 + boot_offset_ns).max(0) as u64;
         ev.node = node.to_string();
         match ev.kind {
             crate::event::Kind::Data => {
-                ev.exe = self.exe(ev.tgid, &ev.comm);
+                let p = self.proc(ev.tgid, &ev.comm);
+                ev.exe = p.exe;
+                ev.uid = p.uid;
                 ev.cgroup = self.cgroup_path(ev.cgroup_id, ev.tgid);
+                let info = self.cgroup_info(ev.cgroup_id, ev.cgroup.as_deref(), p.v1);
+                ev.container_id = info.container_id.as_deref().map(Arc::from);
+                ev.runtime = info.runtime;
+                ev.pod_uid = info.pod_uid.as_deref().map(Arc::from);
+                ev.unit = info.unit.as_deref().map(Arc::from);
+                if let Some(pods) = &self.pods
+                    && info.is_container()
+                    && let Some((pod, rt)) =
+                        pods.lookup(info.container_id.as_deref(), info.pod_uid.as_deref())
+                {
+                    ev.runtime = ev.runtime.or(rt);
+                    ev.pod = Some(pod);
+                }
             }
             crate::event::Kind::Exec => {
                 let exe: Arc<str> = String::from_utf8_lossy(&ev.data).into();
                 let key = (ev.tgid, comm_hash(&ev.comm));
-                self.exe.insert(key, Some(exe.clone()));
+                self.procs.insert(
+                    key,
+                    Proc {
+                        exe: Some(exe.clone()),
+                        ..Proc::default()
+                    },
+                );
                 ev.exe = Some(exe);
             }
             _ => {}
         }
     }
 
-    pub fn exe(&mut self, tgid: u32, comm: &str) -> Option<Arc<str>> {
-        if self.exe.len() > MAX_CACHE {
-            self.exe.clear();
-        }
-        let key = (tgid, comm_hash(comm));
-        self.exe
-            .entry(key)
-            .or_insert_with(|| {
+    fn read_proc(&self, tgid: u32, exe: bool) -> Proc {
+        let uid = fs::read_to_string(format!("/proc/{tgid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Uid:"))
+                    .and_then(|v| v.split_whitespace().nth(1)?.parse().ok())
+            });
+        let v1 = if self.v1 {
+            fs::read_to_string(format!("/proc/{tgid}/cgroup"))
+                .ok()
+                .map(|t| Arc::new(container::parse_proc_cgroup(&t)))
+        } else {
+            None
+        };
+        Proc {
+            exe: if exe {
                 fs::read_link(format!("/proc/{tgid}/exe"))
                     .ok()
                     .map(|p| p.display().to_string().into())
-            })
-            .clone()
+            } else {
+                None
+            },
+            uid,
+            v1,
+            read: true,
+        }
+    }
+
+    fn proc(&mut self, tgid: u32, comm: &str) -> Proc {
+        if self.procs.len() > MAX_CACHE {
+            self.procs.clear();
+        }
+        let key = (tgid, comm_hash(comm));
+        match self.procs.get(&key) {
+            Some(p) if p.read => p.clone(),
+            Some(p) => {
+                let exe = p.exe.clone();
+                let mut p = self.read_proc(tgid, false);
+                p.exe = exe;
+                self.procs.insert(key, p.clone());
+                p
+            }
+            None => {
+                let p = self.read_proc(tgid, true);
+                self.procs.insert(key, p.clone());
+                p
+            }
+        }
+    }
+
+    pub fn exe(&mut self, tgid: u32, comm: &str) -> Option<Arc<str>> {
+        self.proc(tgid, comm).exe
+    }
+
+    /// Container or unit of a cgroup: its v2 path, else (v1 hosts) the process's v1 lines.
+    fn cgroup_info(
+        &mut self,
+        id: u64,
+        path: Option<&str>,
+        v1: Option<Arc<CgroupInfo>>,
+    ) -> Arc<CgroupInfo> {
+        let v2 = match path {
+            Some(p) => {
+                if self.infos.len() > MAX_CACHE {
+                    self.infos.clear();
+                }
+                self.infos
+                    .entry(id)
+                    .or_insert_with(|| Arc::new(container::parse_path(p)))
+                    .clone()
+            }
+            None => Arc::default(),
+        };
+        match v1 {
+            Some(v1) if !v2.is_container() && (v1.is_container() || v2.unit.is_none()) => v1,
+            _ => v2,
+        }
     }
 
     /// Path of the cgroup (v2) with this id, relative to the cgroup2 mount ("/a/b").
