@@ -367,7 +367,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // Rules first: broken rules stop the daemon before anything is attached.
     let node = args.node.clone().unwrap_or_else(identity::hostname);
     let mut outputs = crate::outputs::Outputs::new(&args.detect, &node, true)?;
-    probe::check_privileges()?;
+    let caps = probe::check_privileges()?;
     let fp = Fingerprinter::load_or_create(&args.key_file)?;
     let skip_responses = args
         .skip_responses
@@ -386,7 +386,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         probes.select_cgroups(&ids)?;
         info!(cgroups = ids.len(), "watching only the selected cgroups");
     }
-    let mut attacher = Attacher::new();
+    let mut attacher = Attacher::new(caps);
     attacher.attach_existing(&mut probes);
     if attacher.attached_files() == 0 {
         warn!("no TLS library or program found yet: they are attached as they start");

@@ -70,7 +70,14 @@ const PLAIN_HEADER: &str = "\
 ";
 
 /// The capabilities of the container, no more, no fewer.
-const CAPABILITIES: &[&str] = &["BPF", "PERFMON", "SYS_PTRACE", "NET_ADMIN", "SYS_RESOURCE"];
+const CAPABILITIES: &[&str] = &[
+    "BPF",
+    "PERFMON",
+    "SYS_PTRACE",
+    "NET_ADMIN",
+    "SYS_RESOURCE",
+    "SYS_ADMIN",
+];
 /// Host paths mounted, all read-only.
 const HOST_PATHS_RO: &[&str] = &[
     "/sys/kernel/btf",
@@ -677,6 +684,7 @@ fn check_unit_structure(problems: &mut Vec<String>) -> Result<()> {
         "CAP_SYS_PTRACE",
         "CAP_SYS_RESOURCE",
         "CAP_DAC_READ_SEARCH",
+        "CAP_SYS_ADMIN",
     ]
     .into();
     for key in ["CapabilityBoundingSet", "AmbientCapabilities"] {

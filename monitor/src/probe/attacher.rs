@@ -59,8 +59,10 @@ struct Attached {
     pinned: bool,
 }
 
-#[derive(Default)]
 pub struct Attacher {
+    caps: super::Caps,
+    /// The capability hint was given (once: every file would fail the same way).
+    told_caps: bool,
     /// Files looked at whose verdict was "nothing to probe" (or that failed).
     ignored: HashSet<FileId>,
     attached: HashMap<FileId, Attached>,
@@ -70,8 +72,15 @@ pub struct Attacher {
 }
 
 impl Attacher {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(caps: super::Caps) -> Self {
+        Attacher {
+            caps,
+            told_caps: false,
+            ignored: HashSet::new(),
+            attached: HashMap::new(),
+            uses: HashMap::new(),
+            stats: AttachStats::default(),
+        }
     }
 
     /// At start: the TLS libraries installed on the host (pinned), then every file mapped
@@ -250,7 +259,17 @@ impl Attacher {
                 self.stats.attached_now = self.attached.len();
             }
             Err(e) => {
-                warn!(file = %path.display(), stack = target.stack.name(), error = %format!("{e:#}"), "cannot attach");
+                let text = format!("{e:#}");
+                match super::uprobe_permission_hint(self.caps, &text) {
+                    Some(hint) if !self.told_caps => {
+                        self.told_caps = true;
+                        tracing::error!(file = %path.display(), error = %text, "{hint}");
+                    }
+                    Some(_) => debug!(file = %path.display(), error = %text, "cannot attach"),
+                    None => {
+                        warn!(file = %path.display(), stack = target.stack.name(), error = %text, "cannot attach")
+                    }
+                }
                 self.stats.count(target.stack, "failed");
                 // Do not retry a file that failed: its symbols will not change.
                 self.ignored.insert(id);

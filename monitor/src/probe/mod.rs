@@ -276,27 +276,68 @@ fn raise_memlock() {
     }
 }
 
-/// Whether this process may load BPF programs at all (for a clear message up front).
-pub fn check_privileges() -> Result<()> {
-    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    const CAP_SYS_ADMIN: u64 = 1 << 21;
-    const CAP_PERFMON: u64 = 1 << 38;
-    const CAP_BPF: u64 = 1 << 39;
-    if eff & CAP_SYS_ADMIN == 0 && eff & (CAP_BPF | CAP_PERFMON) != CAP_BPF | CAP_PERFMON {
-        let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
+/// Capabilities this process has (effective set), for clear messages: the kernel only ever
+/// says EPERM/EACCES.
+#[derive(Debug, Clone, Copy)]
+pub struct Caps(u64);
+
+impl Caps {
+    pub const DAC_READ_SEARCH: u32 = 2;
+    pub const SYS_PTRACE: u32 = 19;
+    pub const SYS_ADMIN: u32 = 21;
+    pub const SYS_RESOURCE: u32 = 24;
+    pub const PERFMON: u32 = 38;
+    pub const BPF: u32 = 39;
+
+    pub fn current() -> Caps {
+        let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+        Caps(
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .unwrap_or(0),
+        )
+    }
+
+    pub fn has(self, cap: u32) -> bool {
+        self.0 & (1 << cap) != 0
+    }
+}
+
+/// Whether this process may load and attach the programs at all, naming what is missing;
+/// warns about what only limits coverage.
+pub fn check_privileges() -> Result<Caps> {
+    let caps = Caps::current();
+    if !caps.has(Caps::SYS_ADMIN) {
+        let missing: Vec<&str> = [(Caps::BPF, "CAP_BPF"), (Caps::PERFMON, "CAP_PERFMON")]
             .into_iter()
-            .filter(|(b, _)| eff & b == 0)
+            .filter(|(c, _)| !caps.has(*c))
             .map(|(_, n)| n)
             .collect();
-        bail!(
-            "missing {}: run as root or grant them (see README, Requirements)",
-            missing.join(" and ")
+        if !missing.is_empty() {
+            bail!(
+                "missing {}: the kernel programs cannot be loaded or attached; run as root or \
+                 grant CAP_BPF and CAP_PERFMON (see README, Requirements)",
+                missing.join(" and ")
+            );
+        }
+    }
+    if !caps.has(Caps::SYS_PTRACE) {
+        warn!(
+            "no CAP_SYS_PTRACE: programs and libraries of other users' processes cannot be \
+             inspected (/proc/<pid>/maps), so their TLS is not attached"
         );
     }
-    Ok(())
+    Ok(caps)
+}
+
+/// Why a uprobe could not be created, when the reason is a capability.
+pub fn uprobe_permission_hint(caps: Caps, error: &str) -> Option<&'static str> {
+    let denied = error.contains("Permission denied") || error.contains("Operation not permitted");
+    (denied && !caps.has(Caps::SYS_ADMIN)).then_some(
+        "creating uprobes needs CAP_SYS_ADMIN on this kernel (Linux requires it for the perf \
+         uprobe PMU since the 2025 fix to c9e0924e5c2b): TLS libraries are not attached, only \
+         plaintext TCP is captured; grant CAP_SYS_ADMIN for TLS",
+    )
 }

@@ -59,6 +59,11 @@ impl Monitor {
 
     /// Starts with a known fingerprint key (so a test can name fingerprints in rules).
     pub fn start_with_key(extra: &[&str], key: Option<&[u8]>) -> Monitor {
+        Self::start_wrapped(&[], extra, key)
+    }
+
+    /// Starts under `wrapper` (e.g. `setpriv` with a reduced capability set).
+    pub fn start_wrapped(wrapper: &[&str], extra: &[&str], key: Option<&[u8]>) -> Monitor {
         let dir = tempfile::tempdir().unwrap();
         let key_file = dir.path().join("fingerprint.key");
         if let Some(k) = key {
@@ -74,7 +79,15 @@ impl Monitor {
         }
         let stdout = fs::File::create(dir.path().join("stdout")).unwrap();
         let stderr = fs::File::create(dir.path().join("stderr")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_monitor"))
+        let mut cmd = match wrapper.split_first() {
+            Some((w, rest)) => {
+                let mut c = Command::new(w);
+                c.args(rest).arg(env!("CARGO_BIN_EXE_monitor"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_monitor")),
+        };
+        let child = cmd
             .arg("run")
             .arg("--key-file")
             .arg(&key_file)
