@@ -6,6 +6,7 @@ pub mod alert;
 pub mod credential;
 pub mod detect;
 pub mod event;
+pub mod https;
 pub mod identity;
 pub mod metrics;
 pub mod notify;

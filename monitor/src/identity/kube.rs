@@ -509,23 +509,7 @@ impl Client {
             .timeout_per_read(Some(Duration::from_secs(WATCH_SECS as u64 + 30)))
             .user_agent(format!("monitor/{}", env!("CARGO_PKG_VERSION")));
         if let Some(ca) = &cfg.ca_file {
-            let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
-            let mut certs = Vec::new();
-            for item in ureq::tls::parse_pem(&pem) {
-                if let ureq::tls::PemItem::Certificate(c) =
-                    item.with_context(|| format!("parsing {}", ca.display()))?
-                {
-                    certs.push(c);
-                }
-            }
-            if certs.is_empty() {
-                bail!("no certificate in {}", ca.display());
-            }
-            b = b.tls_config(
-                ureq::tls::TlsConfig::builder()
-                    .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
-                    .build(),
-            );
+            b = b.tls_config(crate::https::trust_only(ca)?);
         }
         Ok(Client {
             agent: b.build().into(),
