@@ -286,6 +286,21 @@ fn drain(rb: &mut RingBuf<MapData>, ctx: &mut Ctx, recs: &mut Vec<RequestRecord>
     Ok(())
 }
 
+/// Go programs carry crypto/tls in their own executable: attaches to those of running
+/// processes not looked at yet (each file is parsed once); returns how many were new.
+fn attach_go_programs(probes: &mut Probes, scanner: &mut probe::golang::GoScanner) -> usize {
+    let mut n = 0;
+    for b in scanner.scan_processes() {
+        match probes.attach_go(&b.file.path, b.file.id, &b.tls) {
+            Ok(_) => n += 1,
+            Err(e) => {
+                warn!(exe = %b.file.path.display(), error = %format!("{e:#}"), "cannot attach to Go program")
+            }
+        }
+    }
+    n
+}
+
 pub async fn run(args: RunArgs) -> Result<()> {
     // Rules first: broken rules stop the daemon before anything is attached.
     let node = args.node.clone().unwrap_or_else(identity::hostname);
@@ -314,6 +329,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         warn!("no libssl found: TLS traffic through OpenSSL will not be seen");
     }
     probes.attach_openssl(&libs);
+    let mut go_scanner = probe::golang::GoScanner::default();
+    attach_go_programs(&mut probes, &mut go_scanner);
     // SAFETY: the ring buffer map is owned by the AsyncFd, so its fd outlives the registration.
     let mut ring =
         unsafe { AsyncFd::register(probes.take_events()?) }.context("polling the ring buffer")?;
@@ -374,6 +391,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 if n > 0 {
                     info!(new = n, "attached to newly loaded TLS libraries");
                 }
+                attach_go_programs(&mut probes, &mut go_scanner);
             }
             _ = metrics_tick.tick(), if args.metrics_addr.is_some() => {
                 let text = metrics_text(&probes, &ctx.pipe.stats, &outputs.detector.stats);

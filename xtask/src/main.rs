@@ -64,6 +64,7 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("pg_ctlcluster", "postgresql"),
     ("psql", "postgresql-client"),
     ("runuser", "util-linux"),
+    ("go", "golang-go"),
 ];
 
 pub(crate) fn root() -> PathBuf {

@@ -1,21 +1,29 @@
 //! Loads the kernel programs, attaches them, and reads their counters.
 
 pub mod btf;
+pub mod golang;
 pub mod libs;
 
-use std::{collections::HashSet, fs, path::Path};
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+    path::Path,
+};
 
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{TracePoint, UProbe, uprobe::UProbeScope},
+    programs::{
+        TracePoint, UProbe,
+        uprobe::{UProbeLinkId, UProbeScope},
+    },
 };
-use monitor_common::{PROG_COUNT, PROG_NAMES, ProbeConfig, STAT_COUNT, STAT_LOST};
+use monitor_common::{GoOffsets, PROG_COUNT, PROG_NAMES, ProbeConfig, STAT_COUNT, STAT_LOST};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use self::libs::LibFile;
+use self::{golang::GoTls, libs::LibFile};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor.bpf.o"));
 
@@ -58,6 +66,8 @@ pub struct Probes {
     ebpf: Ebpf,
     set: ProbeSet,
     attached: HashSet<(u64, u64)>,
+    /// Go executables with probes, by (device, inode), with their links (for detaching).
+    go_links: HashMap<(u64, u64), Vec<(&'static str, UProbeLinkId)>>,
 }
 
 /// Per-program counters summed over CPUs.
@@ -107,6 +117,7 @@ impl Probes {
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
             .override_global("CONFIG", &config, true)
+            .override_global("GO_OFFSETS", &GoOffsets::GO1_17, true)
             .load(OBJECT)
             .map_err(|e| explain_permission(anyhow::Error::from(e)))
             .context("loading the eBPF object")?;
@@ -142,6 +153,7 @@ impl Probes {
             ebpf,
             set,
             attached: HashSet::new(),
+            go_links: HashMap::new(),
         })
     }
 
@@ -243,6 +255,58 @@ impl Probes {
             });
         }
         Ok(out)
+    }
+
+    /// Attaches the Go crypto/tls probes to one executable (`id` its device and inode):
+    /// Write's entry, and with `ProbeSet::Full` Read's entry and every RET of Read. All or
+    /// nothing: a Read entry without its returns would only fill the kernel's map.
+    pub fn attach_go(&mut self, path: &Path, id: (u64, u64), go: &GoTls) -> Result<usize> {
+        if self.go_links.contains_key(&id) {
+            return Ok(0);
+        }
+        let mut plan = vec![("go_tls_write", go.write)];
+        if self.set == ProbeSet::Full {
+            plan.push(("go_tls_read", go.read));
+            plan.extend(go.read_rets.iter().map(|&r| ("go_tls_read_ret", r)));
+        }
+        let mut links = Vec::with_capacity(plan.len());
+        let mut failed = None;
+        for (prog, offset) in plan {
+            let p: &mut UProbe = self
+                .ebpf
+                .program_mut(prog)
+                .context("uprobe missing")?
+                .try_into()?;
+            match p.attach(offset, path, UProbeScope::AllProcesses) {
+                Ok(link) => links.push((prog, link)),
+                Err(e) => {
+                    failed = Some(anyhow::Error::from(e).context(format!(
+                        "attaching {prog} at {offset:#x} of {}",
+                        path.display()
+                    )));
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failed {
+            for (prog, link) in links {
+                if let Ok(p) = <&mut UProbe>::try_from(self.ebpf.program_mut(prog).unwrap()) {
+                    let _ = p.detach(link);
+                }
+            }
+            // Not retried: the same file would fail the same way.
+            self.go_links.insert(id, Vec::new());
+            return Err(e);
+        }
+        let n = links.len();
+        info!(exe = %path.display(), points = n, go = go.go_version.as_deref().unwrap_or("unknown"), "attached Go crypto/tls probes");
+        self.go_links.insert(id, links);
+        Ok(n)
+    }
+
+    /// Go executables with probes attached.
+    pub fn attached_go_programs(&self) -> usize {
+        self.go_links.values().filter(|l| !l.is_empty()).count()
     }
 }
 
