@@ -389,6 +389,11 @@ impl GoScanner {
         if !self.seen.insert(file.id) {
             return None;
         }
+        if fs::metadata(&file.path).is_err() {
+            // Its process exited under us: the file may be seen again, by another path.
+            self.seen.remove(&file.id);
+            return None;
+        }
         match inspect(&file.path) {
             Ok(Some(tls)) => {
                 info!(
@@ -437,15 +442,12 @@ mod tests {
         assert_eq!(inspect(Path::new("/etc/hostname")).unwrap(), None);
     }
 
-    /// Builds `testbed/go/<prog>` with Debian's Go into `dir`, stripped or not.
-    fn build(dir: &Path, prog: &str, stripped: bool) -> PathBuf {
+    /// Builds `testbed/go/<prog>` with Debian's Go into `dir`, with extra `go build` flags.
+    fn build(dir: &Path, prog: &str, name: &str, flags: &[&str]) -> PathBuf {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testbed/go");
-        let out = dir.join(format!("{prog}{}", if stripped { "-stripped" } else { "" }));
+        let out = dir.join(format!("{prog}-{name}"));
         let mut cmd = Command::new("go");
-        cmd.arg("build").arg("-o").arg(&out);
-        if stripped {
-            cmd.arg("-ldflags=-s -w");
-        }
+        cmd.arg("build").arg("-o").arg(&out).args(flags);
         let st = cmd
             .arg(format!("./{prog}"))
             .current_dir(&src)
@@ -464,8 +466,8 @@ mod tests {
     fn golang_finds_the_same_points_with_and_without_symbols() {
         let dir = tempfile::tempdir().unwrap();
         for prog in ["client", "server"] {
-            let full = build(dir.path(), prog, false);
-            let stripped = build(dir.path(), prog, true);
+            let full = build(dir.path(), prog, "full", &[]);
+            let stripped = build(dir.path(), prog, "stripped", &["-ldflags=-s -w"]);
             let a = inspect(&full).unwrap().expect("Go TLS program");
             let b = inspect(&stripped)
                 .unwrap()
@@ -509,6 +511,22 @@ mod tests {
             // Write's frame is large: `LEA R12, [RSP-n]; CMP R12, [R14+16]`.
             require_register_abi(&at(a.write)[..32], 0).unwrap();
             assert!(a.read_rets.iter().all(|&r| at(r)[0] == 0xc3));
+
+            // Position-independent and stripped (how several distributions build Go): the
+            // pclntab sits in `.data.rel.ro.gopclntab`, its textStart is relocated at load.
+            let pie = build(
+                dir.path(),
+                prog,
+                "pie",
+                &["-buildmode=pie", "-ldflags=-s -w"],
+            );
+            let c = inspect(&pie).unwrap().expect("PIE Go TLS program");
+            assert_eq!(c.read_rets.len(), a.read_rets.len());
+            let data = fs::read(&pie).unwrap();
+            let at = |o: u64| &data[o as usize..];
+            require_register_abi(&at(c.write)[..32], 0).unwrap();
+            require_register_abi(&at(c.read)[..32], 0).unwrap();
+            assert!(c.read_rets.iter().all(|&r| at(r)[0] == 0xc3));
         }
     }
 
