@@ -770,6 +770,8 @@ unsafe fn on_ssl_read_ret(ctx: &RetProbeContext) -> Option<()> {
 // holds the current goroutine `g`. No uretprobes: they rewrite return addresses on the
 // goroutine stack, which Go moves when it grows. A goroutine blocked in Read can resume on
 // another thread, so a Read's entry and return are paired by (tgid, g), not by thread.
+// Known gap: a Read buffer on the goroutine's own stack that moves (stack growth) while the
+// Read blocks is stale at the RET; net/http and bufio buffers live on the heap.
 // ===================================================================================
 
 #[unsafe(no_mangle)]
