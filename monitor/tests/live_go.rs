@@ -5,7 +5,7 @@ mod common;
 
 use std::{
     fs,
-    io::Write,
+    io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::OnceLock,
@@ -121,13 +121,22 @@ impl GoClient {
         }
     }
 
-    /// Sends the request; returns the client's pid.
+    /// Sends the request; returns the client's pid. The client stays until the monitor has
+    /// had time to resolve its executable (it started before the monitor: no exec event).
     fn go(mut self) -> u32 {
         let pid = self.child.id();
-        self.child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        let mut stdin = self.child.stdin.take().unwrap();
+        stdin.write_all(b"go\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(self.child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        sleep(Duration::from_millis(300));
+        drop(stdin);
         let out = self.child.wait_with_output().unwrap();
+        let stdout = line + &String::from_utf8_lossy(&out.stdout);
         assert!(
-            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("ok"),
+            out.status.success() && stdout.contains("ok"),
             "{} failed: {out:?}",
             self.exe.display()
         );

@@ -21,11 +21,13 @@ func main() {
 	ca := flag.String("ca", "", "PEM file of the server certificate to trust")
 	url := flag.String("url", "https://server.test/", "URL to GET")
 	n := flag.Int("n", 1, "requests to send, one after the other on one connection")
-	wait := flag.Bool("wait-stdin", false, "read a line from stdin before the first request")
+	wait := flag.Bool("wait-stdin", false,
+		"read a line from stdin before the first request, and stdin's end before exiting")
 	flag.Parse()
+	stdin := bufio.NewReader(os.Stdin)
 	if *wait {
 		// Lets a test start the process, have the monitor find it, then trigger the request.
-		bufio.NewReader(os.Stdin).ReadString('\n')
+		stdin.ReadString('\n')
 	}
 	pem, err := os.ReadFile(*ca)
 	if err != nil {
@@ -63,4 +65,8 @@ func main() {
 		}
 	}
 	fmt.Println("ok")
+	if *wait {
+		// Still running while the monitor reads /proc/<pid>/exe for the events.
+		io.Copy(io.Discard, stdin)
+	}
 }
