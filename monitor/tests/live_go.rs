@@ -400,3 +400,28 @@ fn go_client_started_after_the_monitor_is_picked_up() {
     out.assert_no_secret(&tok);
     drop(nginx);
 }
+
+#[test]
+fn go_egress_probe_set_attaches_write_only() {
+    let _g = serial();
+    let s = setup();
+    let nginx = Nginx::start(&s.lab, &s.server_cg);
+    let b = bins();
+    let tok = token();
+    let client = GoClient::spawn(&s.lab, &s.client_cg, &nginx, &b.client, "/go/egress", &tok);
+    let mon = Monitor::start(&["--probes", "egress"]);
+    let pid = client.go();
+    let fp = mon.fingerprint(&tok);
+    let out = mon.stop();
+
+    let r = one(
+        &out,
+        &[("/side", json!("client")), ("/path", json!("/go/egress"))],
+    );
+    assert_go_client_record(r, &s, pid, &b.client, "/go/egress", &fp);
+    assert_eq!(hits(&out, "go_read"), 0);
+    assert_eq!(hits(&out, "go_read_ret"), 0);
+    assert_eq!(out.events_lost(), 0);
+    out.assert_no_secret(&tok);
+    drop(nginx);
+}
