@@ -263,6 +263,33 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "skipped",
 ];
 
+/// Where a Go program's `crypto/tls.Conn` keeps its socket's file descriptor: the kernel
+/// follows `tls.Conn.conn` (a `net.Conn` interface: itab, data) → `*net.TCPConn` →
+/// `conn.fd *netFD` → `netFD.pfd` (`poll.FD`) → `Sysfd`. Written by the loader like
+/// [`KernelOffsets`], so a Go release that moves a field needs no kernel change.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GoOffsets {
+    /// Offset of the interface's data word in `tls.Conn` (`conn` is its first field).
+    pub tls_conn_data: u32,
+    /// Offset of `fd *netFD` in `net.TCPConn` (embedded `conn{fd}`).
+    pub tcp_conn_fd: u32,
+    /// Offset of `pfd.Sysfd` in `netFD`: `poll.FD` starts with the 16-byte `fdMutex`.
+    pub net_fd_sysfd: u32,
+    pub _pad: u32,
+}
+
+impl GoOffsets {
+    /// 64-bit Go since the register ABI (1.17): these fields have not moved in years.
+    /// Verified against the Go 1.19 sources and binaries (`monitor/tests/live_go.rs`).
+    pub const GO1_17: GoOffsets = GoOffsets {
+        tls_conn_data: 8,
+        tcp_conn_fd: 0,
+        net_fd_sysfd: 16,
+        _pad: 0,
+    };
+}
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -270,4 +297,5 @@ mod user {
     unsafe impl aya::Pod for ProbeConfig {}
     unsafe impl aya::Pod for SslKey {}
     unsafe impl aya::Pod for SslConn {}
+    unsafe impl aya::Pod for GoOffsets {}
 }

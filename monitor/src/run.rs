@@ -41,6 +41,10 @@ pub struct RunArgs {
     /// (0: never). A safety net only: they are attached as they are executed or mapped.
     #[arg(long, default_value_t = 0)]
     pub rescan_secs: u64,
+    /// Seconds a program or library (other than the host's own TLS libraries) stays attached
+    /// after the last process using it has gone.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub detach_after: u64,
     /// Also write every captured event to FILE (JSON lines, for `monitor replay`).
     /// WARNING: the file holds captured PLAINTEXT, credentials included; it is created 0600.
     #[arg(long, value_name = "FILE")]
@@ -386,7 +390,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         probes.select_cgroups(&ids)?;
         info!(cgroups = ids.len(), "watching only the selected cgroups");
     }
-    let mut attacher = Attacher::new(caps);
+    let mut attacher = Attacher::new(caps, Duration::from_secs(args.detach_after));
     attacher.attach_existing(&mut probes);
     if attacher.attached_files() == 0 {
         warn!("no TLS library or program found yet: they are attached as they start");
@@ -408,6 +412,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         recorder: args.record.as_deref().map(Recorder::create).transpose()?,
         decode_errors: 0,
     };
+    ctx.identity.seed_running();
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -447,6 +452,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             }
             _ = tick.tick() => {
                 ctx.pipe.flush(pipeline::monotonic_ns(), &mut recs);
+                ctx.attacher.sweep(&mut ctx.probes, std::time::Instant::now());
                 outputs.write(&mut recs);
                 outputs.tick(wall_clock_ns());
             }

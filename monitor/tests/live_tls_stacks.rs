@@ -140,7 +140,7 @@ fn static_openssl_program_started_after_the_monitor_is_attached_within_a_second(
     let s = setup(&["nginx", "ip", "gcc"]);
     let build = tempfile::tempdir().unwrap();
     let exe = static_client(build.path());
-    let mon = Monitor::start(&[]);
+    let mon = Monitor::start(&["--detach-after", "1"]);
     let tok = token();
     let fp = mon.fingerprint(&tok);
     // The program is new to the monitor (no process mapped it at start); it makes its first
@@ -159,8 +159,8 @@ fn static_openssl_program_started_after_the_monitor_is_attached_within_a_second(
     );
     let pid = child.id();
     assert!(child.wait().unwrap().success(), "static client failed");
-    // It has exited: the monitor detaches from it.
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // It has exited: the monitor detaches from it a second later.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
     let out = mon.stop();
     let rec = client_record(&out, "/static");
     assert_client(rec, &s, "openssl", pid, &fp);

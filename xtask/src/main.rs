@@ -72,6 +72,7 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     // libssl.a for the statically linked OpenSSL client.
     ("/usr/include/openssl/ssl.h", "libssl-dev"),
     ("node", "nodejs"),
+    ("go", "golang-go"),
 ];
 
 pub(crate) fn root() -> PathBuf {

@@ -169,6 +169,22 @@ impl Identity {
         self.proc(tgid, comm).exe
     }
 
+    /// Reads every running process once, at start: one that exits right after its last
+    /// request would otherwise be gone from /proc before its events are enriched.
+    pub fn seed_running(&mut self) {
+        let Ok(rd) = fs::read_dir("/proc") else {
+            return;
+        };
+        for e in rd.flatten() {
+            let Some(tgid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Ok(comm) = fs::read_to_string(format!("/proc/{tgid}/comm")) {
+                self.proc(tgid, comm.trim_end_matches('\n'));
+            }
+        }
+    }
+
     /// Container or unit of a cgroup: its v2 path, else (v1 hosts) the process's v1 lines.
     fn cgroup_info(
         &mut self,

@@ -1,14 +1,18 @@
 //! Attach on arrival: the kernel reports every program executed and every file mapped
 //! executable; each file is inspected once (by device and inode: uprobes live on the inode) and,
 //! when it implements a TLS stack, probed at once. A file that stops being used (its last
-//! process exits or executes something else) is detached, unless it is a system library found
-//! at start, which stays attached so a process loading it later is covered from its first call.
+//! process exits or executes something else) is detached after a while (`linger`), unless it
+//! is a system library found at start, which stays attached so a process loading it later is
+//! covered from its first call. The linger is not only thrift: Linux (seen on 6.18) may leave
+//! a uprobe registered right after the same file's uprobe was unregistered without its
+//! breakpoints, so a program restarted at once would go unseen.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fs,
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use monitor_common::MmapInfo;
@@ -57,6 +61,8 @@ struct Attached {
     users: HashSet<u32>,
     /// Found at start in the library directories: never detached.
     pinned: bool,
+    /// Since when no process has used it.
+    idle_since: Option<Instant>,
 }
 
 pub struct Attacher {
@@ -68,13 +74,16 @@ pub struct Attacher {
     attached: HashMap<FileId, Attached>,
     /// Process → attached files it maps.
     uses: HashMap<u32, HashSet<FileId>>,
+    /// How long an unused file stays attached.
+    linger: Duration,
     pub stats: AttachStats,
 }
 
 impl Attacher {
-    pub fn new(caps: super::Caps) -> Self {
+    pub fn new(caps: super::Caps, linger: Duration) -> Self {
         Attacher {
             caps,
+            linger,
             told_caps: false,
             ignored: HashSet::new(),
             attached: HashMap::new(),
@@ -126,11 +135,8 @@ impl Attacher {
         // SAFETY: MmapInfo is plain data and the length was checked.
         let info: MmapInfo = unsafe { std::ptr::read_unaligned(data.as_ptr().cast()) };
         let id = (kernel_dev(info.dev), info.ino);
-        if let Some(a) = self.attached.get_mut(&id) {
-            if !a.pinned {
-                a.users.insert(tgid);
-                self.uses.entry(tgid).or_default().insert(id);
-            }
+        if self.attached.contains_key(&id) {
+            self.add_user(id, tgid);
             return;
         }
         if self.ignored.contains(&id) {
@@ -150,21 +156,48 @@ impl Attacher {
         self.attached.len()
     }
 
+    fn add_user(&mut self, id: FileId, tgid: u32) {
+        if let Some(a) = self.attached.get_mut(&id)
+            && !a.pinned
+        {
+            a.users.insert(tgid);
+            a.idle_since = None;
+            self.uses.entry(tgid).or_default().insert(id);
+        }
+    }
+
     fn release(&mut self, probes: &mut Probes, tgid: u32) {
         let Some(ids) = self.uses.remove(&tgid) else {
             return;
         };
+        let now = Instant::now();
         for id in ids {
-            let Some(a) = self.attached.get_mut(&id) else {
-                continue;
-            };
-            a.users.remove(&tgid);
-            if a.users.is_empty() && !a.pinned {
-                let a = self.attached.remove(&id).expect("present");
-                probes.detach(a.links);
-                self.stats.count(a.stack, "detached");
-                info!(file = %a.path.display(), stack = a.stack.name(), "detached: no process uses it any more");
+            if let Some(a) = self.attached.get_mut(&id) {
+                a.users.remove(&tgid);
+                if a.users.is_empty() && !a.pinned {
+                    a.idle_since = Some(now);
+                }
             }
+        }
+        self.sweep(probes, now);
+    }
+
+    /// Detaches the files nobody has used for `linger`; call now and then.
+    pub fn sweep(&mut self, probes: &mut Probes, now: Instant) {
+        let due: Vec<FileId> = self
+            .attached
+            .iter()
+            .filter(|(_, a)| {
+                a.idle_since
+                    .is_some_and(|t| now.saturating_duration_since(t) >= self.linger)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            let a = self.attached.remove(&id).expect("present");
+            probes.detach(a.links);
+            self.stats.count(a.stack, "detached");
+            info!(file = %a.path.display(), stack = a.stack.name(), "detached: no process uses it any more");
         }
         self.stats.attached_now = self.attached.len();
     }
@@ -203,10 +236,9 @@ impl Attacher {
         user: Option<u32>,
         pinned: bool,
     ) {
-        if let Some(a) = self.attached.get_mut(&id) {
-            if let Some(tgid) = user.filter(|_| !a.pinned) {
-                a.users.insert(tgid);
-                self.uses.entry(tgid).or_default().insert(id);
+        if self.attached.contains_key(&id) {
+            if let Some(tgid) = user {
+                self.add_user(id, tgid);
             }
             return;
         }
@@ -254,6 +286,7 @@ impl Attacher {
                         links,
                         users,
                         pinned,
+                        idle_since: None,
                     },
                 );
                 self.stats.attached_now = self.attached.len();

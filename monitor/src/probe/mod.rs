@@ -2,6 +2,7 @@
 
 pub mod attacher;
 pub mod btf;
+pub mod golang;
 pub mod libs;
 pub mod target;
 
@@ -16,7 +17,7 @@ use aya::{
         uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
     },
 };
-use monitor_common::{PROG_COUNT, PROG_NAMES, ProbeConfig, STAT_COUNT, STAT_LOST};
+use monitor_common::{GoOffsets, PROG_COUNT, PROG_NAMES, ProbeConfig, STAT_COUNT, STAT_LOST};
 use serde::Serialize;
 use tracing::{info, warn};
 
@@ -116,6 +117,7 @@ impl Probes {
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
             .override_global("CONFIG", &config, true)
+            .override_global("GO_OFFSETS", &GoOffsets::GO1_17, true)
             .load(OBJECT)
             .map_err(|e| explain_permission(anyhow::Error::from(e)))
             .context("loading the eBPF object")?;

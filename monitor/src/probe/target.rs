@@ -129,7 +129,44 @@ pub fn inspect_file(file: &File, path: &Path) -> Result<Option<Target>> {
             points,
         }));
     }
-    Ok(None)
+    drop(map);
+    // Go carries crypto/tls in the program itself, found by the Go symbol table.
+    let go = match super::golang::inspect(path) {
+        Ok(Some(go)) => go,
+        Ok(None) => return Ok(None),
+        // A Go program we cannot probe (another architecture, Go before 1.17): said, not
+        // retried (the verdict is kept per file).
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %format!("{e:#}"), "Go program not attached");
+            return Ok(None);
+        }
+    };
+    const READ: &str = "crypto/tls.(*Conn).Read";
+    let mut points = vec![
+        Point {
+            program: "go_tls_write",
+            symbol: "crypto/tls.(*Conn).Write",
+            offset: go.write,
+            read_side: false,
+        },
+        Point {
+            program: "go_tls_read",
+            symbol: READ,
+            offset: go.read,
+            read_side: true,
+        },
+    ];
+    // Return probes at each RET: uretprobes would corrupt Go's movable stacks.
+    points.extend(go.read_rets.iter().map(|&offset| Point {
+        program: "go_tls_read_ret",
+        symbol: READ,
+        offset,
+        read_side: true,
+    }));
+    Ok(Some(Target {
+        stack: Stack::Go,
+        points,
+    }))
 }
 
 fn has_stack(defined: &HashMap<String, u64>) -> bool {

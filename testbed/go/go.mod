@@ -1,0 +1,3 @@
+module monitor.test/gotls
+
+go 1.19
