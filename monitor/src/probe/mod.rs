@@ -268,7 +268,8 @@ impl Probes {
     /// Run count and run time of every loaded program (its name in the object), as the
     /// kernel keeps them while BPF statistics are enabled (`kernel.bpf_stats_enabled`).
     pub fn program_runs(&self) -> Vec<ProgramRuns> {
-        self.ebpf
+        let mut runs: Vec<ProgramRuns> = self
+            .ebpf
             .programs()
             .filter_map(|(name, p)| {
                 let info = p.info().ok()?;
@@ -278,7 +279,9 @@ impl Probes {
                     run_time: info.run_time(),
                 })
             })
-            .collect()
+            .collect();
+        runs.sort_by(|a, b| a.program.cmp(&b.program));
+        runs
     }
 }
 
