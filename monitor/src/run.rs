@@ -130,12 +130,25 @@ async fn serve_metrics(
         };
         let exposed = exposed.clone();
         tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n = match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
+            // The whole head (a request may arrive in pieces; unread bytes left at close
+            // would reset the connection and lose the answer), at most 4 KiB, within 5 s.
+            let mut buf = Vec::with_capacity(1024);
+            let read_head = async {
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 4096 {
+                    match sock.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
             };
-            let line = String::from_utf8_lossy(&buf[..n]);
+            if tokio::time::timeout(Duration::from_secs(5), read_head)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let line = String::from_utf8_lossy(&buf);
             let (status, ctype, body) = {
                 let e = exposed.lock().unwrap_or_else(|p| p.into_inner());
                 if line.starts_with("GET /metrics") {
