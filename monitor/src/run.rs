@@ -410,7 +410,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut sighup = signal(SignalKind::hangup())?;
     let mut recs = Vec::new();
     let mut latency = Latency::default();
-    let exposed = std::sync::Arc::new(std::sync::Mutex::new(Exposed::default()));
+    // Until the loop's first snapshot: valid text with `monitor_ready 0`.
+    let exposed = std::sync::Arc::new(std::sync::Mutex::new(Exposed {
+        text: monitor::metrics::render(monitor::metrics::Snapshot::new()),
+        ready: false,
+    }));
     if let Some(addr) = args.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -478,6 +482,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         decode_errors,
         probes,
         attacher,
+        identity,
         ..
     } = ctx;
     pipe.flush_all(&mut recs);
@@ -494,6 +499,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         "pipeline": pipe.stats,
         "detect": outputs.detector.stats,
         "outputs": notify,
+        "identity": identity.stats,
         "kube": pods.as_ref().map(|p| p.stats()),
     });
     info!(summary = %summary, "monitor stopped");
