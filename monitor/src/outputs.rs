@@ -193,6 +193,17 @@ impl Outputs {
         }
     }
 
+    /// Detector and output counters for `/metrics`.
+    pub fn fill_metrics(&self, s: &mut monitor::metrics::Snapshot) {
+        s.detect = self.detector.stats.clone();
+        if let Some(n) = &self.notifier {
+            s.webhook = n.webhook_stats();
+            s.alerts_file = n.file_stats();
+            s.alert_render_errors = n.render_errors();
+        }
+        s.clickhouse = self.store.as_ref().map(|st| st.sink.stats());
+    }
+
     /// Final counts out, webhook drained (up to 5 s), state and learnt rules saved; returns
     /// the notifier's counters for the exit summary.
     pub fn finish(&mut self) -> Result<serde_json::Value> {

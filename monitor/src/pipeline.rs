@@ -6,7 +6,7 @@
 //! the bind event so they carry their flow.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, UNIX_EPOCH},
@@ -111,6 +111,13 @@ pub struct PipelineStats {
     pub gaps: u64,
     pub conns_evicted: u64,
     pub conns: usize,
+    /// Requests (HTTP) and logins (Redis, PostgreSQL) per protocol (`http/1.1`, `http/2`,
+    /// `redis`, `postgres`).
+    pub requests_by_protocol: BTreeMap<&'static str, u64>,
+    pub responses_by_protocol: BTreeMap<&'static str, u64>,
+    pub parse_errors_by_protocol: BTreeMap<&'static str, u64>,
+    /// Credentials found, per kind (`bearer`, `basic`, `cookie`, ...).
+    pub credentials_by_kind: BTreeMap<&'static str, u64>,
 }
 
 #[derive(Default)]
@@ -314,6 +321,11 @@ impl Pipeline {
         let table_size = parser.take_table_size();
         zeroize::Zeroize::zeroize(&mut { first });
         if let Err(e) = r {
+            *self
+                .stats
+                .parse_errors_by_protocol
+                .entry(protocol)
+                .or_default() += 1;
             Self::parse_error(&mut self.stats, stream, e);
         }
         // An HTTP/2 side's SETTINGS bounds the HPACK table of the other direction.
@@ -330,6 +342,11 @@ impl Pipeline {
             let (method, host, path, database, credentials) = match m {
                 Message::Response { .. } => {
                     self.stats.responses += 1;
+                    *self
+                        .stats
+                        .responses_by_protocol
+                        .entry(protocol)
+                        .or_default() += 1;
                     continue;
                 }
                 Message::Request(req) => {
@@ -356,6 +373,10 @@ impl Pipeline {
                 }
             };
             self.stats.credentials += credentials.len() as u64;
+            *self.stats.requests_by_protocol.entry(protocol).or_default() += 1;
+            for c in &credentials {
+                *self.stats.credentials_by_kind.entry(c.kind).or_default() += 1;
+            }
             let mut rec = self.record(&ev, key, method, host, path, credentials);
             rec.protocol = protocol;
             rec.database = database;

@@ -61,6 +61,11 @@ pub struct RunArgs {
     /// is attached) on this address, e.g. 127.0.0.1:9464. Off unless given.
     #[arg(long, env = "MONITOR_METRICS_ADDR", value_name = "ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Have the kernel count runs and run time of the BPF programs while the monitor runs
+    /// (`monitor_program_runs_total`, `monitor_program_run_seconds_total`); costs some
+    /// nanoseconds per program run. Already on if `kernel.bpf_stats_enabled` is 1.
+    #[arg(long)]
+    pub bpf_stats: bool,
     /// Kubernetes API server whose pods of `--node` name the containers (e.g.
     /// `http://127.0.0.1:8001` through `kubectl proxy`). Default: the in-cluster API when
     /// `KUBERNETES_SERVICE_HOST` is set, with the pod's service account.
@@ -129,16 +134,29 @@ async fn serve_metrics(
         };
         let exposed = exposed.clone();
         tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n = match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
+            // The whole head (a request may arrive in pieces; unread bytes left at close
+            // would reset the connection and lose the answer), at most 4 KiB, within 5 s.
+            let mut buf = Vec::with_capacity(1024);
+            let read_head = async {
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 4096 {
+                    match sock.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
             };
-            let line = String::from_utf8_lossy(&buf[..n]);
+            if tokio::time::timeout(Duration::from_secs(5), read_head)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let line = String::from_utf8_lossy(&buf);
             let (status, ctype, body) = {
                 let e = exposed.lock().unwrap_or_else(|p| p.into_inner());
                 if line.starts_with("GET /metrics") {
-                    ("200 OK", "text/plain; version=0.0.4", e.text.clone())
+                    ("200 OK", monitor::metrics::CONTENT_TYPE, e.text.clone())
                 } else if line.starts_with("GET /ready") {
                     if e.ready {
                         ("200 OK", "text/plain", "ready\n".into())
@@ -167,73 +185,30 @@ async fn serve_metrics(
     }
 }
 
+/// The counters of every component, for `/metrics`.
 fn metrics_text(
-    probes: &Probes,
-    attach: &monitor::probe::attacher::AttachStats,
-    pipe: &monitor::pipeline::PipelineStats,
-    detect: &monitor::detect::DetectStats,
+    ctx: &Ctx,
+    outputs: &crate::outputs::Outputs,
+    ring: Option<&mut monitor::metrics::RingUsage>,
+    pods: Option<&PodCache>,
 ) -> String {
-    use monitor::metrics::{Family, from_json, render};
-    let mut fams = vec![
-        Family::gauge("build_info", "build of the running monitor")
-            .sample(&[("version", env!("CARGO_PKG_VERSION"))], 1.0),
-        Family::gauge("ready", "1 when every probe is attached").sample(&[], 1.0),
-        Family::gauge(
-            "tls_files_attached",
-            "files (TLS libraries and programs) with probes attached",
-        )
-        .sample(&[], attach.attached_now as f64),
-    ];
-    let mut attach_total = Family::counter(
-        "tls_attach",
-        "attach results per TLS stack: attached, failed, detached",
-    );
-    for (stack, results) in &attach.by_stack {
-        for (result, n) in results {
-            attach_total.push(&[("stack", stack), ("result", result)], *n as f64);
-        }
+    let mut s = monitor::metrics::Snapshot::new();
+    s.ready = true;
+    match ctx.probes.stats_per_cpu() {
+        Ok(p) => s.probes = p,
+        Err(e) => warn!(error = %format!("{e:#}"), "reading the kernel counters"),
     }
-    fams.push(attach_total);
-    if let Ok(stats) = probes.stats() {
-        let mut hits = Family::counter("probe_hits", "program runs, per kernel program");
-        let mut events = Family::counter("events", "records sent to userspace, per kernel program");
-        let mut lost = Family::counter(
-            "events_lost",
-            "records the ring buffer had no room for, per kernel program",
-        );
-        let mut trunc = Family::counter(
-            "events_truncated",
-            "calls copied only in part, per kernel program",
-        );
-        let mut skipped = Family::counter(
-            "events_skipped",
-            "responses kept in the kernel, per kernel program",
-        );
-        for s in &stats {
-            let l = [("program", s.program)];
-            hits.push(&l, s.hits as f64);
-            events.push(&l, s.events as f64);
-            lost.push(&l, s.lost as f64);
-            trunc.push(&l, s.truncated as f64);
-            skipped.push(&l, s.skipped as f64);
-        }
-        fams.extend([hits, events, lost, trunc, skipped]);
+    if s.bpf_stats_enabled {
+        s.program_runs = ctx.probes.program_runs();
     }
-    let mut alerts = Family::counter("alerts", "alerts raised, per rule id");
-    for (rule, n) in &detect.alerts_by_rule {
-        alerts.push(&[("rule", rule)], *n as f64);
-    }
-    fams.push(alerts);
-    if let Ok(v) = serde_json::to_value(pipe) {
-        from_json("pipeline", &v, &mut fams);
-    }
-    if let Ok(mut v) = serde_json::to_value(detect) {
-        if let Some(m) = v.as_object_mut() {
-            m.remove("alerts_by_rule");
-        }
-        from_json("detect", &v, &mut fams);
-    }
-    render(&fams)
+    s.ring = ring.map(|r| r.snapshot());
+    s.decode_errors = ctx.decode_errors;
+    s.attach = ctx.attacher.stats.clone();
+    s.pipeline = ctx.pipe.stats.clone();
+    s.identity = ctx.identity.stats;
+    s.kube = pods.map(PodCache::stats);
+    outputs.fill_metrics(&mut s);
+    monitor::metrics::render(s)
 }
 
 /// The event log: plaintext on disk, so owner-only and announced loudly.
@@ -398,6 +373,22 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // SAFETY: the ring buffer map is owned by the AsyncFd, so its fd outlives the registration.
     let mut ring =
         unsafe { AsyncFd::register(probes.take_events()?) }.context("polling the ring buffer")?;
+    let mut ring_usage = if args.metrics_addr.is_some() {
+        use std::os::fd::AsFd;
+        monitor::metrics::RingUsage::new(ring.get_ref().as_fd())
+            .inspect_err(|e| warn!(error = %e, "ring buffer usage not measured"))
+            .ok()
+    } else {
+        None
+    };
+    // Kept while running: the kernel counts program runs as long as one such fd is open.
+    let _bpf_stats = if args.bpf_stats {
+        aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .inspect_err(|e| warn!(error = %e, "BPF run statistics not enabled"))
+            .ok()
+    } else {
+        None
+    };
     let pods = start_kube(&args, &node)?;
     let mut ctx = Ctx {
         probes,
@@ -424,7 +415,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut sighup = signal(SignalKind::hangup())?;
     let mut recs = Vec::new();
     let mut latency = Latency::default();
-    let exposed = std::sync::Arc::new(std::sync::Mutex::new(Exposed::default()));
+    // Until the loop's first snapshot: valid text with `monitor_ready 0`.
+    let exposed = std::sync::Arc::new(std::sync::Mutex::new(Exposed {
+        text: monitor::metrics::render(monitor::metrics::Snapshot::new()),
+        ready: false,
+    }));
     if let Some(addr) = args.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -439,6 +434,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
+                if let Some(u) = ring_usage.as_mut() {
+                    u.observe();
+                }
                 drain(guard.get_inner_mut(), &mut ctx, &mut recs)?;
                 guard.clear_ready();
                 latency.observe(&recs);
@@ -446,6 +444,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
             }
             // The kernel wakes us only when a lot is waiting: drain on a short timer too.
             _ = drain_tick.tick() => {
+                if let Some(u) = ring_usage.as_mut() {
+                    u.observe();
+                }
                 drain(ring.get_mut(), &mut ctx, &mut recs)?;
                 latency.observe(&recs);
                 outputs.write(&mut recs);
@@ -464,7 +465,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 ctx.probes.select_cgroups(&identity::cgroup_ids_under(&args.cgroups))?;
             }
             _ = metrics_tick.tick(), if args.metrics_addr.is_some() => {
-                let text = metrics_text(&ctx.probes, &ctx.attacher.stats, &ctx.pipe.stats, &outputs.detector.stats);
+                let text = metrics_text(&ctx, &outputs, ring_usage.as_mut(), pods.as_deref());
                 let mut e = exposed.lock().unwrap_or_else(|p| p.into_inner());
                 e.text = text;
                 e.ready = true;
@@ -487,6 +488,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         decode_errors,
         probes,
         attacher,
+        identity,
         ..
     } = ctx;
     pipe.flush_all(&mut recs);
@@ -503,6 +505,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         "pipeline": pipe.stats,
         "detect": outputs.detector.stats,
         "outputs": notify,
+        "identity": identity.stats,
         "kube": pods.as_ref().map(|p| p.stats()),
     });
     info!(summary = %summary, "monitor stopped");

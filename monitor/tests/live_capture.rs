@@ -427,7 +427,8 @@ fn egress_probe_set_reports_requests_and_keeps_responses_in_the_kernel() {
 fn http_get(addr: &str, path: &str) -> (String, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
     let (head, body) = text.split_once("\r\n\r\n").unwrap();
@@ -440,6 +441,18 @@ fn metric(body: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {series} in:\n{body}"))
 }
 
+/// Sum of every series of `family` whose labels contain all of `with` (`key="value"`).
+fn metric_sum(body: &str, family: &str, with: &[&str]) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(head, _)| {
+            head.split('{').next() == Some(family) && with.iter().all(|w| head.contains(w))
+        })
+        .map(|(_, v)| v.parse::<f64>().unwrap())
+        .sum()
+}
+
 #[test]
 fn metrics_count_the_traffic_the_test_caused() {
     let _g = serial();
@@ -450,7 +463,16 @@ fn metrics_count_the_traffic_the_test_caused() {
         .unwrap()
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let mon = Monitor::start(&["--metrics-addr", &addr]);
+    // Only the test's client and server are watched: the counts are exact.
+    let mon = Monitor::start(&[
+        "--metrics-addr",
+        &addr,
+        "--bpf-stats",
+        "--cgroup",
+        &s.client_cg.path,
+        "--cgroup",
+        &s.server_cg.path,
+    ]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while !http_get(&addr, "/ready").0.contains("200") {
         assert!(std::time::Instant::now() < deadline, "never ready");
@@ -463,17 +485,82 @@ fn metrics_count_the_traffic_the_test_caused() {
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let (status, body) = http_get(&addr, "/metrics");
     assert!(status.contains("200"), "{status}");
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    assert!(body.contains("# TYPE monitor_requests counter\n"), "{body}");
     // Three requests, each seen by curl (SSL_write) and by nginx (SSL_read), with a token
-    // each; the test's own plaintext GET /ready is a request too, without credentials.
-    assert!(metric(&body, "monitor_events_total{program=\"ssl_write\"}") >= 3.0);
-    assert!(metric(&body, "monitor_pipeline_requests") >= 6.0, "{body}");
-    assert_eq!(metric(&body, "monitor_pipeline_credentials"), 6.0, "{body}");
+    // each.
     assert_eq!(
-        metric(&body, "monitor_events_lost_total{program=\"ssl_write\"}"),
-        0.0
+        metric(&body, "monitor_requests_total{protocol=\"http/1.1\"}"),
+        6.0,
+        "{body}"
     );
+    assert_eq!(
+        metric(&body, "monitor_credentials_total{kind=\"bearer\"}"),
+        6.0,
+        "{body}"
+    );
+    assert_eq!(
+        metric_sum(&body, "monitor_credentials_total", &[]),
+        6.0,
+        "{body}"
+    );
+    assert!(metric_sum(&body, "monitor_events_total", &["program=\"ssl_write\""]) >= 3.0);
+    assert_eq!(metric_sum(&body, "monitor_events_lost_total", &[]), 0.0);
+    assert!(
+        metric(
+            &body,
+            "monitor_tls_attach_total{stack=\"openssl\",result=\"attached\"}"
+        ) >= 1.0,
+        "{body}"
+    );
+    assert!(metric(&body, "monitor_tls_files_attached") >= 1.0);
+    assert!(metric(&body, "monitor_connections_evicted_total") == 0.0);
+    assert!(metric(&body, "monitor_identity_cache_hits_total{cache=\"exe\"}") > 0.0);
+    // Ring buffer positions: the test's records went through it (mmap and exit records of
+    // every process may be in flight).
+    let size = metric(&body, "monitor_ringbuf_size_bytes");
+    assert_eq!(size, (16u64 << 20) as f64);
+    let produced = metric(&body, "monitor_ringbuf_produced_bytes_total");
+    let consumed = metric(&body, "monitor_ringbuf_consumed_bytes_total");
+    assert!(consumed > 0.0 && consumed <= produced, "{body}");
+    assert_eq!(
+        metric(&body, "monitor_ringbuf_pending_bytes"),
+        produced - consumed
+    );
+    assert!(metric(&body, "monitor_ringbuf_pending_peak_bytes") < size);
+    // --bpf-stats: the kernel counted the programs' runs and time.
+    assert_eq!(metric(&body, "monitor_bpf_stats_enabled"), 1.0);
+    assert!(
+        metric(
+            &body,
+            "monitor_program_runs_total{program=\"sys_enter_write\"}"
+        ) > 0.0
+    );
+    assert!(metric_sum(&body, "monitor_program_runs_total", &[]) >= 6.0);
+    assert!(metric_sum(&body, "monitor_program_run_seconds_total", &[]) > 0.0);
     assert_eq!(metric(&body, "monitor_ready"), 1.0);
+    assert!(body.contains("monitor_build_info{version=\""));
     assert!(!body.contains(&tok));
+    assert!(!body.contains("Bearer"));
     assert!(http_get(&addr, "/nope").0.contains("404"));
-    mon.stop();
+    let out = mon.stop();
+    // Per CPU, the kernel counters add up to the per-program totals of the exit summary
+    // (nothing in the watched cgroups ran between the scrape and the stop).
+    for prog in out.summary["kernel"].as_array().unwrap() {
+        let name = prog["program"].as_str().unwrap();
+        if ["exec", "exit", "mmap"].contains(&name) {
+            continue;
+        }
+        let want = format!("program=\"{name}\"");
+        for (family, field) in [
+            ("monitor_events_total", "events"),
+            ("monitor_events_lost_total", "lost"),
+        ] {
+            assert_eq!(
+                metric_sum(&body, family, &[&want]),
+                prog[field].as_f64().unwrap(),
+                "{family} of {name} per CPU vs the exit summary {prog}\n{body}"
+            );
+        }
+    }
 }

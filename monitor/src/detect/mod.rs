@@ -71,6 +71,9 @@ pub struct DetectStats {
     pub bindings: usize,
     pub bindings_evicted: u64,
     pub alerts_by_rule: BTreeMap<&'static str, u64>,
+    /// (rule, severity in force) → alerts raised (metrics).
+    #[serde(skip)]
+    pub alerts_by_rule_severity: BTreeMap<(&'static str, Severity), u64>,
 }
 
 pub struct Detector {
@@ -294,8 +297,14 @@ impl Detector {
                 self.stats.deduplicated += 1;
                 continue;
             }
-            let alert = self.build(obs, cred, &f, setting.severity.unwrap_or(f.severity));
+            let severity = setting.severity.unwrap_or(f.severity);
+            let alert = self.build(obs, cred, &f, severity);
             *self.stats.alerts_by_rule.entry(f.rule).or_default() += 1;
+            *self
+                .stats
+                .alerts_by_rule_severity
+                .entry((f.rule, severity))
+                .or_default() += 1;
             self.stats.alerts += 1;
             out.push(alert.clone());
             self.state.open.insert(

@@ -32,6 +32,18 @@ struct Proc {
     read: bool,
 }
 
+/// Lookups in the identity caches: answered from the cache (hit) or from /proc and
+/// cgroupfs (miss).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct IdentityStats {
+    pub exe_hits: u64,
+    pub exe_misses: u64,
+    pub cgroup_hits: u64,
+    pub cgroup_misses: u64,
+    /// Cgroup ids no path was found for (the cgroup was already gone).
+    pub cgroup_unresolved: u64,
+}
+
 pub struct Identity {
     /// (tgid, hash of comm) → process; comm is in the key because exec keeps the pid.
     procs: HashMap<(u32, u64), Proc>,
@@ -43,6 +55,7 @@ pub struct Identity {
     /// The host has cgroup v1 hierarchies (legacy or hybrid).
     v1: bool,
     pods: Option<Arc<PodCache>>,
+    pub stats: IdentityStats,
 }
 
 impl Default for Identity {
@@ -63,6 +76,7 @@ impl Identity {
             last_scan: None,
             v1,
             pods: None,
+            stats: IdentityStats::default(),
         }
     }
 
@@ -149,8 +163,12 @@ impl Identity {
         }
         let key = (tgid, comm_hash(comm));
         match self.procs.get(&key) {
-            Some(p) if p.read => p.clone(),
+            Some(p) if p.read => {
+                self.stats.exe_hits += 1;
+                p.clone()
+            }
             Some(p) => {
+                self.stats.exe_misses += 1;
                 let exe = p.exe.clone();
                 let mut p = self.read_proc(tgid, false);
                 p.exe = exe;
@@ -158,6 +176,7 @@ impl Identity {
                 p
             }
             None => {
+                self.stats.exe_misses += 1;
                 let p = self.read_proc(tgid, true);
                 self.procs.insert(key, p.clone());
                 p
@@ -213,8 +232,18 @@ impl Identity {
     /// Path of the cgroup (v2) with this id, relative to the cgroup2 mount ("/a/b").
     pub fn cgroup_path(&mut self, id: u64, tgid: u32) -> Option<Arc<str>> {
         if let Some(p) = self.cgroups.get(&id) {
+            self.stats.cgroup_hits += 1;
             return Some(p.clone());
         }
+        self.stats.cgroup_misses += 1;
+        let found = self.resolve_cgroup(id, tgid);
+        if found.is_none() {
+            self.stats.cgroup_unresolved += 1;
+        }
+        found
+    }
+
+    fn resolve_cgroup(&mut self, id: u64, tgid: u32) -> Option<Arc<str>> {
         let root = self.cgroup_root.clone()?;
         // Fast path: the process's own cgroup file, checked against the id.
         if let Ok(text) = fs::read_to_string(format!("/proc/{tgid}/cgroup")) {

@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
 pub use self::{
-    file::RotatingFile,
+    file::{FileStats, RotatingFile},
     format::{AlertFormat, render},
     webhook::{Secret, Webhook, WebhookConfig, WebhookStats, WebhookUrl},
 };
@@ -206,6 +206,16 @@ impl Notifier {
             s["webhook"] = webhook_json(&w.shutdown(timeout), target.into());
         }
         s
+    }
+
+    /// Counters of the alerts file, if there is one.
+    pub fn file_stats(&self) -> Option<FileStats> {
+        self.file.as_ref().map(|f| f.stats().clone())
+    }
+
+    /// Alerts that could not be rendered in the chosen format.
+    pub fn render_errors(&self) -> u64 {
+        self.render_errors
     }
 
     pub fn webhook_stats(&self) -> Option<WebhookStats> {

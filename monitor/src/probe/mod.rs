@@ -17,7 +17,10 @@ use aya::{
         uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
     },
 };
-use monitor_common::{GoOffsets, PROG_COUNT, PROG_NAMES, ProbeConfig, STAT_COUNT, STAT_LOST};
+use monitor_common::{
+    GoOffsets, PROG_COUNT, PROG_NAMES, ProbeConfig, STAT_COUNT, STAT_EVENTS, STAT_HITS, STAT_LOST,
+    STAT_READ_ERRORS, STAT_SKIPPED, STAT_TRUNCATED,
+};
 use serde::Serialize;
 use tracing::{info, warn};
 
@@ -233,26 +236,86 @@ impl Probes {
     }
 
     pub fn stats(&self) -> Result<Vec<ProgStats>> {
+        Ok(self
+            .stats_per_cpu()?
+            .iter()
+            .map(ProgCpuStats::total)
+            .collect())
+    }
+
+    /// Per-program counters as each CPU holds them (index = CPU number).
+    pub fn stats_per_cpu(&self) -> Result<Vec<ProgCpuStats>> {
         let arr: PerCpuArray<_, u64> =
             PerCpuArray::try_from(self.ebpf.map("STATS").context("STATS map missing")?)?;
         let mut out = Vec::new();
         for prog in 0..PROG_COUNT {
-            let mut v = [0u64; STAT_COUNT as usize];
-            for (s, slot) in v.iter_mut().enumerate() {
-                *slot = arr.get(&(prog * STAT_COUNT + s as u32), 0)?.iter().sum();
+            let mut cpus: Vec<[u64; STAT_COUNT as usize]> = Vec::new();
+            for s in 0..STAT_COUNT {
+                let values = arr.get(&(prog * STAT_COUNT + s), 0)?;
+                if cpus.len() < values.len() {
+                    cpus.resize(values.len(), [0; STAT_COUNT as usize]);
+                }
+                for (cpu, v) in values.iter().enumerate() {
+                    cpus[cpu][s as usize] = *v;
+                }
             }
-            out.push(ProgStats {
+            out.push(ProgCpuStats {
                 program: PROG_NAMES[prog as usize],
-                hits: v[0],
-                events: v[1],
-                lost: v[STAT_LOST as usize],
-                truncated: v[3],
-                read_errors: v[4],
-                skipped: v[5],
+                cpus,
             });
         }
         Ok(out)
     }
+
+    /// Run count and run time of every loaded program (its name in the object), as the
+    /// kernel keeps them while BPF statistics are enabled (`kernel.bpf_stats_enabled`).
+    pub fn program_runs(&self) -> Vec<ProgramRuns> {
+        let mut runs: Vec<ProgramRuns> = self
+            .ebpf
+            .programs()
+            .filter_map(|(name, p)| {
+                let info = p.info().ok()?;
+                Some(ProgramRuns {
+                    program: name.to_string(),
+                    runs: info.run_count(),
+                    run_time: info.run_time(),
+                })
+            })
+            .collect();
+        runs.sort_by(|a, b| a.program.cmp(&b.program));
+        runs
+    }
+}
+
+/// One program's counters per CPU, `[stat; STAT_COUNT]` for each CPU.
+#[derive(Debug, Default, Clone)]
+pub struct ProgCpuStats {
+    pub program: &'static str,
+    pub cpus: Vec<[u64; STAT_COUNT as usize]>,
+}
+
+impl ProgCpuStats {
+    /// Summed over CPUs.
+    pub fn total(&self) -> ProgStats {
+        let sum = |s: u32| self.cpus.iter().map(|c| c[s as usize]).sum();
+        ProgStats {
+            program: self.program,
+            hits: sum(STAT_HITS),
+            events: sum(STAT_EVENTS),
+            lost: sum(STAT_LOST),
+            truncated: sum(STAT_TRUNCATED),
+            read_errors: sum(STAT_READ_ERRORS),
+            skipped: sum(STAT_SKIPPED),
+        }
+    }
+}
+
+/// `bpf_prog_info` run statistics of one loaded program.
+#[derive(Debug, Clone)]
+pub struct ProgramRuns {
+    pub program: String,
+    pub runs: u64,
+    pub run_time: std::time::Duration,
 }
 
 /// Names the capability that is missing instead of a bare EPERM.

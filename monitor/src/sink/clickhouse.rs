@@ -12,6 +12,7 @@
 //! duplicates.
 
 use std::{
+    collections::BTreeMap,
     fmt,
     path::PathBuf,
     sync::{
@@ -223,6 +224,8 @@ pub struct SinkStats {
     pub spool_batches: u64,
     pub spool_rows: u64,
     pub spool_bytes: u64,
+    /// Rows ClickHouse acknowledged, per table.
+    pub rows_by_table: BTreeMap<&'static str, u64>,
 }
 
 #[derive(Default)]
@@ -240,6 +243,8 @@ struct Counters {
     spool_batches: AtomicU64,
     spool_rows: AtomicU64,
     spool_bytes: AtomicU64,
+    /// Per table, in the order of `Table::ALL`.
+    rows_by_table: [AtomicU64; 4],
     /// Seconds (monotonic, since start) of the last drop warning.
     last_drop_warn: AtomicU64,
 }
@@ -465,6 +470,11 @@ impl ClickHouseSink {
             spool_batches: c.spool_batches.load(Relaxed),
             spool_rows: c.spool_rows.load(Relaxed),
             spool_bytes: c.spool_bytes.load(Relaxed),
+            rows_by_table: Table::ALL
+                .iter()
+                .zip(&c.rows_by_table)
+                .map(|(t, n)| (t.name(), n.load(Relaxed)))
+                .collect(),
         }
     }
 
@@ -760,6 +770,9 @@ impl Sender {
                 self.counters
                     .rows_written
                     .fetch_add(b.rows.len() as u64, Relaxed);
+                if let Some(i) = Table::ALL.iter().position(|x| *x == b.table()) {
+                    self.counters.rows_by_table[i].fetch_add(b.rows.len() as u64, Relaxed);
+                }
                 self.counters.batches_written.fetch_add(1, Relaxed);
                 self.succeeded();
                 Ok(())
