@@ -294,6 +294,7 @@ const SYSCALL_TPS: &[&str] = &[
     "sys_exit_readv",
     "sys_exit_recvmsg",
     "sys_enter_close",
+    "sys_enter_mmap",
 ];
 
 fn floor_script(lib: &Path, full: bool) -> String {
@@ -301,6 +302,9 @@ fn floor_script(lib: &Path, full: bool) -> String {
     let mut probes = vec![
         format!("uprobe:{l}:SSL_write"),
         format!("uprobe:{l}:SSL_write_ex"),
+        // The monitor's write return probes (retried writes are reported once).
+        format!("uretprobe:{l}:SSL_write"),
+        format!("uretprobe:{l}:SSL_write_ex"),
     ];
     if full {
         probes.extend([
