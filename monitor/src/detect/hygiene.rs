@@ -25,9 +25,14 @@ fn finding(rule: &'static str, summary: String, expected: serde_json::Value) -> 
     }
 }
 
-fn glob_match(pattern: &Option<String>, value: Option<&str>) -> Option<bool> {
-    let p = pattern.as_ref()?;
-    Some(value.is_some_and(|v| crate::rules::glob(p).is_ok_and(|g| g.is_match(v))))
+/// None when the identity gives no such pattern, else whether `value` matches it.
+fn glob_match(
+    pattern: &Option<String>,
+    compiled: &Option<globset::GlobMatcher>,
+    value: Option<&str>,
+) -> Option<bool> {
+    pattern.as_ref()?;
+    Some(crate::rules::pattern_matches(pattern, compiled, value))
 }
 
 pub fn check(
@@ -106,9 +111,17 @@ pub fn check(
     for h in &rules.human_identities {
         let cl = c.claims.as_deref();
         let checks = [
-            glob_match(&h.issuer, cl.and_then(|c| c.iss.as_deref())),
-            glob_match(&h.subject, cl.and_then(|c| c.sub.as_deref())),
-            glob_match(&h.user, c.user.as_deref()),
+            glob_match(
+                &h.issuer,
+                &h.compiled.issuer,
+                cl.and_then(|c| c.iss.as_deref()),
+            ),
+            glob_match(
+                &h.subject,
+                &h.compiled.subject,
+                cl.and_then(|c| c.sub.as_deref()),
+            ),
+            glob_match(&h.user, &h.compiled.third, c.user.as_deref()),
         ];
         let given: Vec<bool> = checks.into_iter().flatten().collect();
         if !given.is_empty() && given.iter().all(|b| *b) {

@@ -221,8 +221,7 @@ impl Graph {
                     ..Default::default()
                 },
                 bound_to: Some(w),
-                max_lifetime: None,
-                honeytoken: false,
+                ..Default::default()
             });
         }
         out

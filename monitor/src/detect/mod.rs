@@ -202,24 +202,24 @@ impl Detector {
 
     /// The credential rule (if any) this credential falls under.
     pub fn credential_rule<'r>(rules: &'r Rules, c: &Credential) -> Option<&'r CredentialRule> {
-        let g = |p: &Option<String>, v: Option<&str>| match p {
-            None => true,
-            Some(p) => v.is_some_and(|v| crate::rules::glob(p).is_ok_and(|g| g.is_match(v))),
-        };
+        use crate::rules::pattern_matches as g;
         rules.credentials.iter().find(|r| {
-            let m = &r.matcher;
+            let (m, k) = (&r.matcher, &r.compiled);
             let claims = c.claims.as_deref();
             m.fingerprint
                 .as_ref()
                 .is_none_or(|f| f.eq_ignore_ascii_case(&c.fingerprint))
                 && m.kind.as_ref().is_none_or(|k| k == c.kind)
-                && g(&m.issuer, claims.and_then(|c| c.iss.as_deref()))
-                && g(&m.subject, claims.and_then(|c| c.sub.as_deref()))
+                && g(&m.issuer, &k.issuer, claims.and_then(|c| c.iss.as_deref()))
+                && g(
+                    &m.subject,
+                    &k.subject,
+                    claims.and_then(|c| c.sub.as_deref()),
+                )
                 && match &m.audience {
                     None => true,
-                    Some(_) => {
-                        claims.is_some_and(|cl| cl.aud.iter().any(|a| g(&m.audience, Some(a))))
-                    }
+                    Some(_) => claims
+                        .is_some_and(|cl| cl.aud.iter().any(|a| g(&m.audience, &k.third, Some(a)))),
                 }
         })
     }

@@ -302,10 +302,19 @@ pub fn compile(files: Vec<(PathBuf, String, RulesFile)>) -> Result<Rules, Vec<Ru
             rules.settings.rules.extend(d.rules.clone());
         }
         rules.edges.extend(r.edges.iter().cloned());
-        rules.credentials.extend(r.credentials.iter().cloned());
+        rules
+            .credentials
+            .extend(r.credentials.iter().cloned().map(|mut c| {
+                let m = &c.matcher;
+                c.compiled = ClaimGlobs::of(&m.issuer, &m.subject, &m.audience);
+                c
+            }));
         rules
             .human_identities
-            .extend(r.human_identities.iter().cloned());
+            .extend(r.human_identities.iter().cloned().map(|mut h| {
+                h.compiled = ClaimGlobs::of(&h.issuer, &h.subject, &h.user);
+                h
+            }));
         merged.workloads.extend(r.workloads.iter().cloned());
         merged.destinations.extend(r.destinations.iter().cloned());
         merged.edges.extend(r.edges.iter().cloned());

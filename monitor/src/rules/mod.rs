@@ -192,6 +192,44 @@ pub struct CredentialRule {
     /// A canary: any use at all is an alert.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub honeytoken: bool,
+    /// `issuer`, `subject`, `audience` of `match`, compiled when the rules load.
+    #[serde(skip)]
+    pub compiled: ClaimGlobs,
+}
+
+/// Claim globs compiled once when the rules load, not per observation.
+#[derive(Debug, Clone, Default)]
+pub struct ClaimGlobs {
+    pub issuer: Option<GlobMatcher>,
+    pub subject: Option<GlobMatcher>,
+    /// `audience` of a credential rule, `user` of a human identity.
+    pub third: Option<GlobMatcher>,
+}
+
+impl ClaimGlobs {
+    /// Patterns that do not compile are left out: the checker has refused them already.
+    pub fn of(issuer: &Option<String>, subject: &Option<String>, third: &Option<String>) -> Self {
+        let c = |p: &Option<String>| p.as_deref().and_then(|p| glob(p).ok());
+        ClaimGlobs {
+            issuer: c(issuer),
+            subject: c(subject),
+            third: c(third),
+        }
+    }
+}
+
+/// Whether `value` matches the rule's `pattern` (no pattern: anything does), with its compiled
+/// form when the rules were loaded, else (rules built in code) compiled here.
+pub fn pattern_matches(
+    pattern: &Option<String>,
+    compiled: &Option<GlobMatcher>,
+    value: Option<&str>,
+) -> bool {
+    match (pattern, compiled) {
+        (None, _) => true,
+        (Some(_), Some(g)) => value.is_some_and(|v| g.is_match(v)),
+        (Some(p), None) => value.is_some_and(|v| glob(p).is_ok_and(|g| g.is_match(v))),
+    }
 }
 
 /// A human identity: tokens matching these globs belong to people, not services.
@@ -205,6 +243,8 @@ pub struct HumanIdentity {
     /// Basic-auth user names.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    #[serde(skip)]
+    pub compiled: ClaimGlobs,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
