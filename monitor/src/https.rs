@@ -23,3 +23,22 @@ pub fn trust_only(ca: &Path) -> Result<ureq::tls::TlsConfig> {
         .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
         .build())
 }
+
+/// A loggable description of a transport error: never a header (tokens), body or URL (which
+/// `BadUri` would carry, with any credential in it).
+pub fn describe(e: &ureq::Error) -> String {
+    use ureq::Error as E;
+    match e {
+        E::Io(io) => format!("I/O: {}", io.kind()),
+        E::Timeout(t) => format!("timeout ({t})"),
+        E::HostNotFound => "host not found".into(),
+        E::ConnectionFailed => "connection failed".into(),
+        E::Protocol(p) => format!("HTTP protocol: {p}"),
+        E::Tls(m) => format!("TLS: {m}"),
+        E::Rustls(r) => format!("TLS: {r}"),
+        E::StatusCode(s) => format!("HTTP {s}"),
+        E::BadUri(_) => "bad URL".into(),
+        E::BodyExceedsLimit(n) => format!("response larger than {n} bytes"),
+        _ => "request failed".into(),
+    }
+}

@@ -458,24 +458,6 @@ fn encode(s: &str) -> String {
     out
 }
 
-/// A loggable description of a transport error: never a header (the token) or body.
-fn describe(e: &ureq::Error) -> String {
-    use ureq::Error as E;
-    match e {
-        E::Io(io) => format!("I/O: {}", io.kind()),
-        E::Timeout(t) => format!("timeout ({t})"),
-        E::HostNotFound => "host not found".into(),
-        E::ConnectionFailed => "connection failed".into(),
-        E::Protocol(p) => format!("HTTP protocol: {p}"),
-        E::Tls(m) => format!("TLS: {m}"),
-        E::Rustls(r) => format!("TLS: {r}"),
-        E::StatusCode(s) => format!("HTTP {s}"),
-        E::BadUri(_) => "bad URL".into(),
-        E::BodyExceedsLimit(n) => format!("response larger than {n} bytes"),
-        _ => "request failed".into(),
-    }
-}
-
 /// How a watch ended.
 enum WatchEnd {
     /// The server closed the stream (its timeout): watch again from the last version.
@@ -526,7 +508,8 @@ impl Client {
                 .with_context(|| format!("reading the token file {}", f.display()))?;
             req = req.header("Authorization", format!("Bearer {}", tok.trim()));
         }
-        req.call().map_err(|e| anyhow::anyhow!(describe(&e)))
+        req.call()
+            .map_err(|e| anyhow::anyhow!(crate::https::describe(&e)))
     }
 
     /// Lists the node's pods (paged) into the cache; returns the list's resource version.
@@ -554,7 +537,7 @@ impl Client {
                 .with_config()
                 .limit(MAX_LIST)
                 .read_to_vec()
-                .map_err(|e| anyhow::anyhow!(describe(&e)))?;
+                .map_err(|e| anyhow::anyhow!(crate::https::describe(&e)))?;
             let list: PodList = serde_json::from_slice(&body).context("decoding the pod list")?;
             entries.extend(list.items.into_iter().filter_map(PodObject::entry));
             match list.metadata.continue_.filter(|c| !c.is_empty()) {

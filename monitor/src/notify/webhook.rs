@@ -498,25 +498,8 @@ impl Worker {
                     _ => Outcome::Rejected(status),
                 }
             }
-            Err(e) => Outcome::Retry(describe(&e), None),
+            Err(e) => Outcome::Retry(crate::https::describe(&e), None),
         }
-    }
-}
-
-/// A loggable description of a transport error: never the URL (which `BadUri` would carry).
-fn describe(e: &ureq::Error) -> String {
-    use ureq::Error as E;
-    match e {
-        E::Io(io) => format!("I/O: {}", io.kind()),
-        E::Timeout(t) => format!("timeout ({t})"),
-        E::HostNotFound => "host not found".into(),
-        E::ConnectionFailed => "connection failed".into(),
-        E::Protocol(p) => format!("HTTP protocol: {p}"),
-        E::Tls(m) => format!("TLS: {m}"),
-        E::Rustls(r) => format!("TLS: {r}"),
-        E::StatusCode(s) => format!("HTTP {s}"),
-        E::BadUri(_) => "bad URL".into(),
-        _ => "request failed".into(),
     }
 }
 
