@@ -230,3 +230,44 @@ req.end();
     out.assert_no_secret(&tok);
     assert_eq!(out.events_lost(), 0);
 }
+
+#[test]
+fn a_program_run_again_right_after_it_exited_is_seen_both_times() {
+    // Its file stays attached for a while after the first run has gone (`--detach-after`), so
+    // the second run is covered from its start without a new attach.
+    let _g = serial();
+    let s = setup(&["nginx", "ip", "gcc"]);
+    let build = tempfile::tempdir().unwrap();
+    let exe = static_client(build.path());
+    let mon = Monitor::start(&[]);
+    let tok = token();
+    let fp = mon.fingerprint(&tok);
+    let mut pids = Vec::new();
+    for run in ["/again/1", "/again/2"] {
+        let mut child = s.client_cg.spawn(
+            &s.lab.client_ns,
+            &[
+                exe.to_str().unwrap(),
+                &s.lab.server_ip,
+                "443",
+                "server.test",
+                s.nginx.cert.to_str().unwrap(),
+                "300",
+                &request(run, &tok),
+            ],
+        );
+        pids.push(child.id());
+        assert!(child.wait().unwrap().success(), "static client failed");
+    }
+    let out = mon.stop();
+    for (run, pid) in ["/again/1", "/again/2"].iter().zip(pids) {
+        assert_client(client_record(&out, run), &s, "openssl", pid, &fp);
+    }
+    assert_eq!(
+        attach_count(&out, "openssl", "detached"),
+        0,
+        "{:#}",
+        out.summary
+    );
+    out.assert_no_secret(&tok);
+}

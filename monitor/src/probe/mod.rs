@@ -195,14 +195,26 @@ impl Probes {
         Ok(links)
     }
 
+    /// Detaches off the capture loop: the kernel unregisters a uprobe only after an RCU grace
+    /// period (about half a second measured here), and events must not wait meanwhile.
     pub fn detach(&mut self, links: Vec<Link>) {
+        let mut owned = Vec::with_capacity(links.len());
         for l in links {
-            if let Ok(p) = self.uprobe(l.program)
-                && let Err(e) = p.detach(l.id)
-            {
-                warn!(program = l.program, error = %e, "detaching");
+            match self.uprobe(l.program).and_then(|p| Ok(p.take_link(l.id)?)) {
+                Ok(link) => owned.push(link),
+                Err(e) => warn!(program = l.program, error = %format!("{e:#}"), "detaching"),
             }
         }
+        std::thread::spawn(move || {
+            use aya::programs::links::Link as _;
+            let t0 = std::time::Instant::now();
+            for link in owned {
+                if let Err(e) = link.detach() {
+                    warn!(error = %e, "detaching");
+                }
+            }
+            tracing::debug!(took = ?t0.elapsed(), "uprobes detached");
+        });
     }
 
     fn uprobe(&mut self, name: &str) -> Result<&mut UProbe> {
