@@ -362,6 +362,12 @@ impl Snapshot {
             "Mapped files no longer among the process's mappings when looked up.",
             s.attach.mmap_misses,
         )?;
+        o.gauge_unit(
+            "tls_arrival_to_attach_max",
+            "Longest time from a program's exec or a library's mmap to its TLS probes attached.",
+            Some(&Unit::Seconds),
+            s.attach.arrival_to_attach_max_us as f64 / 1e6,
+        )?;
 
         // Parsing.
         let p = &s.pipeline;

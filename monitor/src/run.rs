@@ -314,14 +314,15 @@ fn drain(rb: &mut RingBuf<MapData>, ctx: &mut Ctx, recs: &mut Vec<RequestRecord>
                 // first TLS call, detach when nobody uses them.
                 match ev.kind {
                     Kind::Mmap => {
-                        ctx.attacher.on_mmap(&mut ctx.probes, ev.tgid, &ev.data);
+                        ctx.attacher
+                            .on_mmap(&mut ctx.probes, ev.tgid, &ev.data, ev.ts_ns);
                         continue;
                     }
                     Kind::Exit => {
                         ctx.attacher.on_exit(&mut ctx.probes, ev.tgid);
                         continue;
                     }
-                    Kind::Exec => ctx.attacher.on_exec(&mut ctx.probes, ev.tgid),
+                    Kind::Exec => ctx.attacher.on_exec(&mut ctx.probes, ev.tgid, ev.ts_ns),
                     _ => {}
                 }
                 ctx.identity.enrich(&mut ev, ctx.boot_offset, &ctx.node);

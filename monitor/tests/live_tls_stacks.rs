@@ -178,6 +178,10 @@ fn static_openssl_program_started_after_the_monitor_is_attached_within_a_second(
         "{:#}",
         out.summary
     );
+    eprintln!(
+        "arrival to attach: {} µs",
+        out.summary["attach"]["arrival_to_attach_max_us"]
+    );
     out.assert_no_secret(&tok);
     assert_eq!(out.events_lost(), 0);
 }

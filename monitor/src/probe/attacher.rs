@@ -42,6 +42,9 @@ pub struct AttachStats {
     pub mmap_misses: u64,
     /// Files that could not be read or parsed.
     pub inspect_errors: u64,
+    /// Longest time from a program's exec (or a library's mmap) to its probes being attached
+    /// (µs).
+    pub arrival_to_attach_max_us: u64,
 }
 
 impl AttachStats {
@@ -117,7 +120,9 @@ impl Attacher {
 
     /// A process executed a program: its old mappings are gone, its new executable is here
     /// (libraries follow as mmap records).
-    pub fn on_exec(&mut self, probes: &mut Probes, tgid: u32) {
+    /// `exec_ns` is the exec's kernel timestamp (monotonic): how soon after it a new program
+    /// is attached is measured.
+    pub fn on_exec(&mut self, probes: &mut Probes, tgid: u32, exec_ns: u64) {
         self.release(probes, tgid);
         let exe = format!("/proc/{tgid}/exe");
         let (Ok(meta), Ok(path)) = (fs::metadata(&exe), fs::read_link(&exe)) else {
@@ -125,11 +130,31 @@ impl Attacher {
         };
         let id = (meta.dev(), meta.ino());
         let full = in_root(tgid, &path);
+        let before = self.attached_total();
         self.consider(probes, &full, id, Some(tgid), false);
+        self.note_latency(before, exec_ns);
+    }
+
+    fn attached_total(&self) -> u64 {
+        self.stats
+            .by_stack
+            .values()
+            .flat_map(|r| r.get("attached"))
+            .sum()
+    }
+
+    /// Records how long after the kernel saw a program or library arrive (`since_ns`) it was
+    /// attached, when handling that arrival attached something.
+    fn note_latency(&mut self, before: u64, since_ns: u64) {
+        if self.attached_total() > before {
+            let us = crate::pipeline::monotonic_ns().saturating_sub(since_ns) / 1000;
+            self.stats.arrival_to_attach_max_us = self.stats.arrival_to_attach_max_us.max(us);
+            debug!(us, "attached after arrival");
+        }
     }
 
     /// A process mapped a file executable.
-    pub fn on_mmap(&mut self, probes: &mut Probes, tgid: u32, data: &[u8]) {
+    pub fn on_mmap(&mut self, probes: &mut Probes, tgid: u32, data: &[u8], mmap_ns: u64) {
         if data.len() < std::mem::size_of::<MmapInfo>() {
             return;
         }
@@ -143,9 +168,11 @@ impl Attacher {
         if self.ignored.contains(&id) {
             return;
         }
+        let before = self.attached_total();
         if !self.scan_maps(probes, tgid, Some(id)) {
             self.stats.mmap_misses += 1;
         }
+        self.note_latency(before, mmap_ns);
     }
 
     /// A process exited: files only it used are detached.
