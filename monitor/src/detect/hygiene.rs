@@ -155,7 +155,31 @@ fn bound_mismatch(
     {
         diffs.push(format!("node {node} ≠ {}", obs.node));
     }
-    if let Some(id) = rules
+    // The pod the process really runs in (from the API), when known: a projected token names
+    // its pod, so a token presented from another pod was carried there.
+    if let Some(pod) = obs
+        .rec
+        .pod
+        .as_deref()
+        .filter(|_| super::workload::is_client_side(obs.rec))
+    {
+        for (what, tok, have) in [
+            ("namespace", &k.namespace, Some(&pod.namespace)),
+            (
+                "serviceaccount",
+                &k.serviceaccount,
+                pod.service_account.as_ref(),
+            ),
+            ("pod", &k.pod, Some(&pod.name)),
+            ("pod uid", &k.pod_uid, Some(&pod.uid)),
+        ] {
+            if let (Some(t), Some(h)) = (tok, have)
+                && t != h
+            {
+                diffs.push(format!("{what} {t} ≠ {h}"));
+            }
+        }
+    } else if let Some(id) = rules
         .workloads
         .iter()
         .find(|w| w.name == obs.source)

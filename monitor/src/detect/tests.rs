@@ -406,6 +406,59 @@ fn bound_token_mismatch_by_node_and_service_account() {
 }
 
 #[test]
+fn bound_token_mismatch_against_the_pod_the_process_runs_in() {
+    let r = rules(RULES);
+    let mut c = claims(0, i64::MAX / 4);
+    c.kubernetes = Some(KubernetesClaims {
+        namespace: Some("shop".into()),
+        serviceaccount: Some("payments".into()),
+        pod: Some("payments-7d9f-abcde".into()),
+        pod_uid: Some("11111111-2222-3333-4444-555555555555".into()),
+        ..Default::default()
+    });
+    let pod = |name: &str, uid: &str| {
+        Arc::new(crate::identity::kube::Pod {
+            namespace: "shop".into(),
+            name: name.into(),
+            uid: uid.into(),
+            service_account: Some("payments".into()),
+            ..Default::default()
+        })
+    };
+    let from = |p: Arc<crate::identity::kube::Pod>| {
+        let mut rec = req(
+            "/payments",
+            "10.9.0.1",
+            true,
+            0,
+            vec![cred(FP, Some(c.clone()))],
+        );
+        rec.pod = Some(p);
+        rec
+    };
+    // Its own pod: silent.
+    let own = from(pod(
+        "payments-7d9f-abcde",
+        "11111111-2222-3333-4444-555555555555",
+    ));
+    assert!(fired(&run(&r, "n1", &[own]), "bound-token-mismatch").is_empty());
+    // Another replica of the same service account presents it: the token was carried there.
+    let other = from(pod(
+        "payments-7d9f-zzzzz",
+        "99999999-2222-3333-4444-555555555555",
+    ));
+    let a = run(&r, "n1", &[other]);
+    let f = fired(&a, "bound-token-mismatch");
+    assert_eq!(f.len(), 1, "{a:#?}");
+    assert!(
+        f[0].summary
+            .contains("pod payments-7d9f-abcde ≠ payments-7d9f-zzzzz"),
+        "{}",
+        f[0].summary
+    );
+}
+
+#[test]
 fn repeats_are_one_alert_with_a_count() {
     let r = rules(RULES);
     let mut d = Detector::new(r, "n1", None, None);
