@@ -31,6 +31,35 @@ fn setup(tools: &[&str]) -> Setup {
     }
 }
 
+impl Setup {
+    /// Runs the static OpenSSL client in the client host: it waits `delay_ms` after it starts,
+    /// then sends one request for `path` with `token`; returns its pid once it has exited.
+    fn run_static_client(
+        &self,
+        exe: &std::path::Path,
+        delay_ms: u32,
+        path: &str,
+        token: &str,
+    ) -> u32 {
+        let delay = delay_ms.to_string();
+        let mut child = self.client_cg.spawn(
+            &self.lab.client_ns,
+            &[
+                exe.to_str().unwrap(),
+                &self.lab.server_ip,
+                "443",
+                "server.test",
+                self.nginx.cert.to_str().unwrap(),
+                &delay,
+                &request(path, token),
+            ],
+        );
+        let pid = child.id();
+        assert!(child.wait().unwrap().success(), "static client failed");
+        pid
+    }
+}
+
 fn token() -> String {
     format!("tok-{}", random_hex(24))
 }
@@ -145,20 +174,7 @@ fn static_openssl_program_started_after_the_monitor_is_attached_within_a_second(
     let fp = mon.fingerprint(&tok);
     // The program is new to the monitor (no process mapped it at start); it makes its first
     // TLS call one second after it starts.
-    let mut child = s.client_cg.spawn(
-        &s.lab.client_ns,
-        &[
-            exe.to_str().unwrap(),
-            &s.lab.server_ip,
-            "443",
-            "server.test",
-            s.nginx.cert.to_str().unwrap(),
-            "1000",
-            &request("/static", &tok),
-        ],
-    );
-    let pid = child.id();
-    assert!(child.wait().unwrap().success(), "static client failed");
+    let pid = s.run_static_client(&exe, 1000, "/static", &tok);
     // It has exited: the monitor detaches from it a second later.
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let out = mon.stop();
@@ -248,20 +264,7 @@ fn a_program_run_again_right_after_it_exited_is_seen_both_times() {
     let fp = mon.fingerprint(&tok);
     let mut pids = Vec::new();
     for run in ["/again/1", "/again/2"] {
-        let mut child = s.client_cg.spawn(
-            &s.lab.client_ns,
-            &[
-                exe.to_str().unwrap(),
-                &s.lab.server_ip,
-                "443",
-                "server.test",
-                s.nginx.cert.to_str().unwrap(),
-                "300",
-                &request(run, &tok),
-            ],
-        );
-        pids.push(child.id());
-        assert!(child.wait().unwrap().success(), "static client failed");
+        pids.push(s.run_static_client(&exe, 300, run, &tok));
     }
     let out = mon.stop();
     for (run, pid) in ["/again/1", "/again/2"].iter().zip(pids) {

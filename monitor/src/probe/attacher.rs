@@ -130,27 +130,17 @@ impl Attacher {
         };
         let id = (meta.dev(), meta.ino());
         let full = in_root(tgid, &path);
-        let before = self.attached_total();
-        self.consider(probes, &full, id, Some(tgid), false);
-        self.note_latency(before, exec_ns);
-    }
-
-    fn attached_total(&self) -> u64 {
-        self.stats
-            .by_stack
-            .values()
-            .flat_map(|r| r.get("attached"))
-            .sum()
-    }
-
-    /// Records how long after the kernel saw a program or library arrive (`since_ns`) it was
-    /// attached, when handling that arrival attached something.
-    fn note_latency(&mut self, before: u64, since_ns: u64) {
-        if self.attached_total() > before {
-            let us = crate::pipeline::monotonic_ns().saturating_sub(since_ns) / 1000;
-            self.stats.arrival_to_attach_max_us = self.stats.arrival_to_attach_max_us.max(us);
-            debug!(us, "attached after arrival");
+        if self.consider(probes, &full, id, Some(tgid), false) {
+            self.note_latency(exec_ns);
         }
+    }
+
+    /// Records how long after the kernel saw a program or library arrive (`since_ns`) its
+    /// handling attached something.
+    fn note_latency(&mut self, since_ns: u64) {
+        let us = crate::pipeline::monotonic_ns().saturating_sub(since_ns) / 1000;
+        self.stats.arrival_to_attach_max_us = self.stats.arrival_to_attach_max_us.max(us);
+        debug!(us, "attached after arrival");
     }
 
     /// A process mapped a file executable.
@@ -168,11 +158,13 @@ impl Attacher {
         if self.ignored.contains(&id) {
             return;
         }
-        let before = self.attached_total();
-        if !self.scan_maps(probes, tgid, Some(id)) {
+        let (found, attached) = self.scan_maps(probes, tgid, Some(id));
+        if !found {
             self.stats.mmap_misses += 1;
         }
-        self.note_latency(before, mmap_ns);
+        if attached {
+            self.note_latency(mmap_ns);
+        }
     }
 
     /// A process exited: files only it used are detached.
@@ -230,13 +222,14 @@ impl Attacher {
         self.stats.attached_now = self.attached.len();
     }
 
-    /// Considers every executable mapping of `tgid` not seen yet; true when `want` (if any)
-    /// was among them.
-    fn scan_maps(&mut self, probes: &mut Probes, tgid: u32, want: Option<FileId>) -> bool {
+    /// Considers every executable mapping of `tgid` not seen yet; (whether `want`, if any,
+    /// was among them, whether a file was newly attached).
+    fn scan_maps(&mut self, probes: &mut Probes, tgid: u32, want: Option<FileId>) -> (bool, bool) {
         let Ok(maps) = fs::read_to_string(format!("/proc/{tgid}/maps")) else {
-            return false;
+            return (false, false);
         };
         let mut found = want.is_none();
+        let mut attached = false;
         let mut done = HashSet::new();
         for line in maps.lines() {
             let Some((id, path)) = exec_mapping(line) else {
@@ -244,7 +237,7 @@ impl Attacher {
             };
             found |= want == Some(id);
             if done.insert(id) {
-                self.consider(
+                attached |= self.consider(
                     probes,
                     &in_root(tgid, Path::new(path)),
                     id,
@@ -253,9 +246,11 @@ impl Attacher {
                 );
             }
         }
-        found
+        (found, attached)
     }
 
+    /// Looks at one file and attaches to it if it implements a TLS stack; true when it was
+    /// attached now (not before).
     fn consider(
         &mut self,
         probes: &mut Probes,
@@ -263,15 +258,15 @@ impl Attacher {
         id: FileId,
         user: Option<u32>,
         pinned: bool,
-    ) {
+    ) -> bool {
         if self.attached.contains_key(&id) {
             if let Some(tgid) = user {
                 self.add_user(id, tgid);
             }
-            return;
+            return false;
         }
         if self.ignored.contains(&id) {
-            return;
+            return false;
         }
         self.stats.inspected += 1;
         // Opened once and named through our own fd from here on: the process that showed us
@@ -280,20 +275,20 @@ impl Attacher {
             Ok(f) => f,
             Err(e) => {
                 debug!(file = %path.display(), error = %e, "cannot open");
-                return; // gone; a later process mapping it will show it again
+                return false; // gone; a later process mapping it will show it again
             }
         };
         let target = match target::inspect_file(&file, path) {
             Ok(Some(t)) => t,
             Ok(None) => {
                 self.ignored.insert(id);
-                return;
+                return false;
             }
             Err(e) => {
                 debug!(file = %path.display(), error = %format!("{e:#}"), "cannot inspect");
                 self.stats.inspect_errors += 1;
                 self.ignored.insert(id);
-                return;
+                return false;
             }
         };
         let by_fd = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
@@ -318,6 +313,7 @@ impl Attacher {
                     },
                 );
                 self.stats.attached_now = self.attached.len();
+                true
             }
             Err(e) => {
                 let text = format!("{e:#}");
@@ -334,6 +330,7 @@ impl Attacher {
                 self.stats.count(target.stack, "failed");
                 // Do not retry a file that failed: its symbols will not change.
                 self.ignored.insert(id);
+                false
             }
         }
     }

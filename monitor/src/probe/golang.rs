@@ -47,6 +47,11 @@ type Range = (u64, u64);
 /// before the register ABI, a table that does not parse).
 pub fn inspect(path: &Path) -> Result<Option<GoTls>> {
     let file = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    inspect_file(&file)
+}
+
+/// As [`inspect`], for a file already open.
+pub fn inspect_file(file: &fs::File) -> Result<Option<GoTls>> {
     // Sections are read on demand: a large non-Go executable costs a few header reads.
     let cache = ReadCache::new(file);
     let Ok(kind) = object::FileKind::parse(&cache) else {

@@ -130,8 +130,9 @@ pub fn inspect_file(file: &File, path: &Path) -> Result<Option<Target>> {
         }));
     }
     drop(map);
-    // Go carries crypto/tls in the program itself, found by the Go symbol table.
-    let go = match super::golang::inspect(path) {
+    // Go carries crypto/tls in the program itself, found by the Go symbol table (in the file
+    // already open: the path may be gone with its process).
+    let go = match super::golang::inspect_file(file) {
         Ok(Some(go)) => go,
         Ok(None) => return Ok(None),
         // A Go program we cannot probe (another architecture, Go before 1.17): said, not
