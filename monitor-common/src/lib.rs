@@ -84,6 +84,10 @@ pub struct EventHeader {
     pub call_len: u64,
     /// Offset of this record's data within the call.
     pub offset: u32,
+    /// Effective uid and gid of the caller (`task->cred`, as the host sees them), read at the
+    /// call: a short-lived client is gone from /proc before userspace could look.
+    pub uid: u32,
+    pub gid: u32,
     pub _pad: u32,
     pub comm: [u8; 16],
     pub flow: Flow,
@@ -124,6 +128,9 @@ pub struct KernelOffsets {
     pub inode_ino: u32,
     pub inode_sb: u32,
     pub sb_dev: u32,
+    pub task_cred: u32,
+    pub cred_euid: u32,
+    pub cred_egid: u32,
 }
 
 /// Data of a `KIND_MMAP` record: the mapped file, as the kernel identifies it. Userspace keeps

@@ -178,6 +178,22 @@ unsafe fn fill_flow(sk: usize, h: &mut EventHeader) {
     }
 }
 
+/// Effective uid and gid of the current task (`task->cred->euid/egid`, kernel-global ids);
+/// `u32::MAX` (no such id) when the credentials cannot be read.
+#[inline(always)]
+unsafe fn current_euid_egid() -> (u32, u32) {
+    let task = unsafe { bpf_get_current_task() } as usize;
+    let Some(cred) = (unsafe { kread::<usize>(task, off!(task_cred)) }) else {
+        return (u32::MAX, u32::MAX);
+    };
+    unsafe {
+        (
+            kread::<u32>(cred, off!(cred_euid)).unwrap_or(u32::MAX),
+            kread::<u32>(cred, off!(cred_egid)).unwrap_or(u32::MAX),
+        )
+    }
+}
+
 /// Prepares the per-CPU scratch header for one call; data chunks are filled by `emit_chunks`.
 #[inline(always)]
 unsafe fn begin(
@@ -206,6 +222,7 @@ unsafe fn begin(
     h.call_len = call_len;
     h.offset = 0;
     h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    (h.uid, h.gid) = unsafe { current_euid_egid() };
     match cached {
         Some(c) => {
             h.flow = c.flow;

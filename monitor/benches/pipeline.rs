@@ -140,6 +140,7 @@ fn event(
         pod: None,
         unit: None,
         uid: None,
+        gid: None,
         direction: dir,
         source,
         tls,

@@ -119,9 +119,12 @@ pub struct Event {
     /// systemd unit of a host process (`nginx.service`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unit: Option<Arc<str>>,
-    /// Effective uid of the process, as the host sees it.
+    /// Effective uid and gid of the process, as the host sees them, read by the kernel at
+    /// the call (never from /proc later: a short-lived client is gone by then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
     pub direction: Direction,
     pub source: Source,
     /// Derived from `source`; in the log for readers that do not know the sources.
@@ -181,7 +184,8 @@ impl Event {
             pod_uid: None,
             pod: None,
             unit: None,
-            uid: None,
+            uid: known_id(h.uid),
+            gid: known_id(h.gid),
             tls: source.is_tls(),
             library: source.library().map(str::to_string),
             ts_ns: h.ts_ns,
@@ -209,6 +213,11 @@ impl Event {
             data: data[..h.len as usize].to_vec(),
         })
     }
+}
+
+/// The kernel writes `u32::MAX` (the "no id" value of `(uid_t)-1`) when it could not read one.
+fn known_id(id: u32) -> Option<u32> {
+    (id != u32::MAX).then_some(id)
 }
 
 fn log_version() -> u32 {
@@ -262,6 +271,8 @@ mod tests {
         ev.header.source = SOURCE_OPENSSL;
         ev.header.len = len;
         ev.header.pid_tgid = (7 << 32) | 9;
+        ev.header.uid = 1000;
+        ev.header.gid = u32::MAX;
         ev.header.comm[..4].copy_from_slice(b"curl");
         ev.header.flow.family = family;
         ev.header.flow.sport = 5555;
@@ -279,6 +290,8 @@ mod tests {
     fn decodes_header_flow_and_data() {
         let e = Event::decode(&raw(5, AF_INET)).unwrap();
         assert_eq!((e.tgid, e.pid, e.comm.as_str()), (7, 9, "curl"));
+        // The caller's ids come with the record; an unreadable one is unknown, not root.
+        assert_eq!((e.uid, e.gid), (Some(1000), None));
         assert_eq!(e.data, b"GET /");
         let f = e.flow.unwrap();
         assert_eq!(f.local.to_string(), "10.0.0.2:5555");

@@ -53,7 +53,8 @@ pub struct Snapshot {
     pub ready: bool,
     /// Per-program kernel counters, per CPU.
     pub probes: Vec<ProgCpuStats>,
-    /// `kernel.bpf_stats_enabled` (run counts and times are kept only while it is on).
+    /// The kernel keeps run counts and times: `kernel.bpf_stats_enabled` is 1, or the daemon
+    /// holds a `BPF_ENABLE_STATS` fd (`--bpf-stats`), which the sysctl does not show.
     pub bpf_stats_enabled: bool,
     pub program_runs: Vec<ProgramRuns>,
     pub ring: Option<RingSnapshot>,
@@ -84,7 +85,8 @@ impl Snapshot {
     }
 }
 
-/// Whether the kernel keeps run counts and times of BPF programs now.
+/// Whether `kernel.bpf_stats_enabled` is set (by anyone: it stays 0 while stats are on only
+/// through a `BPF_ENABLE_STATS` fd).
 pub fn bpf_stats_enabled() -> bool {
     std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() == "1")
 }
@@ -270,7 +272,7 @@ impl Snapshot {
         )?;
         o.gauge(
             "bpf_stats_enabled",
-            "1 when kernel.bpf_stats_enabled is on (program run counts and times are kept).",
+            "1 when the kernel counts BPF program runs and time (--bpf-stats or kernel.bpf_stats_enabled).",
             s.bpf_stats_enabled as u64,
         )?;
         // Without bpf stats the kernel counts nothing: no series rather than zeros.

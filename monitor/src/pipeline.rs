@@ -72,6 +72,8 @@ pub struct RequestRecord {
     pub unit: Option<Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
     pub netns: u32,
     /// Whether the observing process sent the request (client) or received it (server).
     pub side: &'static str,
@@ -426,6 +428,7 @@ impl Pipeline {
             pod: ev.pod.clone(),
             unit: ev.unit.clone(),
             uid: ev.uid,
+            gid: ev.gid,
             netns: conn.netns,
             side,
             source: None,

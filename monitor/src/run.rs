@@ -198,6 +198,7 @@ fn metrics_text(
         Ok(p) => s.probes = p,
         Err(e) => warn!(error = %format!("{e:#}"), "reading the kernel counters"),
     }
+    s.bpf_stats_enabled |= ctx.bpf_stats_held;
     if s.bpf_stats_enabled {
         s.program_runs = ctx.probes.program_runs();
     }
@@ -304,6 +305,9 @@ struct Ctx {
     node: String,
     recorder: Option<Recorder>,
     decode_errors: u64,
+    /// The daemon holds a `BPF_ENABLE_STATS` fd: the kernel counts runs although the sysctl,
+    /// which reflects only its own setting, still reads 0.
+    bpf_stats_held: bool,
 }
 
 fn drain(rb: &mut RingBuf<MapData>, ctx: &mut Ctx, recs: &mut Vec<RequestRecord>) -> Result<()> {
@@ -403,6 +407,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         node,
         recorder: args.record.as_deref().map(Recorder::create).transpose()?,
         decode_errors: 0,
+        bpf_stats_held: _bpf_stats.is_some(),
     };
     ctx.identity.seed_running();
 

@@ -78,6 +78,7 @@ fn record(r: Req) -> RequestRecord {
         pod: None,
         unit: None,
         uid: None,
+        gid: None,
         netns: 1,
         side: "client",
         source: Some(Endpoint {

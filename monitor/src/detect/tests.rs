@@ -67,6 +67,7 @@ fn req(cgroup: &str, dst: &str, tls: bool, t_secs: u64, creds: Vec<Credential>) 
         pod: None,
         unit: None,
         uid: None,
+        gid: None,
         netns: 1,
         side: "client",
         source: Some(Endpoint {

@@ -136,6 +136,7 @@ mod tests {
             pod: pod.map(Arc::new),
             unit: unit.map(Arc::from),
             uid: Some(0),
+            gid: None,
             netns: 1,
             side: "client",
             source: Some(Endpoint {

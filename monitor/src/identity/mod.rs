@@ -1,4 +1,4 @@
-//! Who made a call: process (exe, uid) and cgroup path from the cgroup id the kernel reports;
+//! Who made a call: process (exe) and cgroup path from the cgroup id the kernel reports;
 //! from the path, the container or systemd unit (`container`); for containers, the pod
 //! (`kube`, when a Kubernetes API is configured).
 
@@ -18,16 +18,15 @@ use self::{container::CgroupInfo, kube::PodCache};
 
 const MAX_CACHE: usize = 65536;
 
-/// What is read once per process from /proc.
+/// What is read once per process from /proc. (uid and gid come with each event from the
+/// kernel: a short-lived process is often gone before its first event is enriched.)
 #[derive(Clone, Default)]
 struct Proc {
     exe: Option<Arc<str>>,
-    /// Effective uid (as the host sees it).
-    uid: Option<u32>,
     /// From `/proc/<pid>/cgroup`, on hosts with v1 hierarchies (where the v2 path may not
     /// show the container).
     v1: Option<Arc<CgroupInfo>>,
-    /// uid and v1 read (an exec event gives only the exe: the rest is read on first use,
+    /// v1 read (an exec event gives only the exe: the rest is read on first use,
     /// as most executed programs never send anything).
     read: bool,
 }
@@ -86,7 +85,7 @@ impl Identity {
         self
     }
 
-    /// Fills in what the kernel cannot see: wall-clock time, node, executable, uid, cgroup
+    /// Fills in what the kernel cannot see: wall-clock time, node, executable, cgroup
     /// path, container or unit, pod. Done once per event before it is recorded or parsed, so
     /// replay needs no /proc and no API.
     pub fn enrich(&mut self, ev: &mut crate::event::Event, boot_offset_ns: i128, node: &str) {
@@ -96,7 +95,6 @@ impl Identity {
             crate::event::Kind::Data => {
                 let p = self.proc(ev.tgid, &ev.comm);
                 ev.exe = p.exe;
-                ev.uid = p.uid;
                 ev.cgroup = self.cgroup_path(ev.cgroup_id, ev.tgid);
                 let info = self.cgroup_info(ev.cgroup_id, ev.cgroup.as_deref(), p.v1);
                 ev.container_id = info.container_id.as_deref().map(Arc::from);
@@ -129,13 +127,6 @@ impl Identity {
     }
 
     fn read_proc(&self, tgid: u32, exe: bool) -> Proc {
-        let uid = fs::read_to_string(format!("/proc/{tgid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("Uid:"))
-                    .and_then(|v| v.split_whitespace().nth(1)?.parse().ok())
-            });
         let v1 = if self.v1 {
             fs::read_to_string(format!("/proc/{tgid}/cgroup"))
                 .ok()
@@ -151,7 +142,6 @@ impl Identity {
             } else {
                 None
             },
-            uid,
             v1,
             read: true,
         }

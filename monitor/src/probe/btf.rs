@@ -36,6 +36,9 @@ pub fn kernel_offsets() -> Result<KernelOffsets> {
         inode_ino: f("inode", &["i_ino"])?,
         inode_sb: f("inode", &["i_sb"])?,
         sb_dev: f("super_block", &["s_dev"])?,
+        task_cred: f("task_struct", &["cred"])?,
+        cred_euid: f("cred", &["euid"])?,
+        cred_egid: f("cred", &["egid"])?,
     })
 }
 

@@ -31,6 +31,7 @@ pub fn request(i: u64, cgroup: &str, token: &str, path: &str) -> Event {
         pod: None,
         unit: None,
         uid: None,
+        gid: None,
         direction: Direction::Egress,
         source: Source::Syscall,
         tls: false,
