@@ -470,6 +470,26 @@ impl Snapshot {
             "Credential bindings dropped to bound memory.",
             d.bindings_evicted,
         )?;
+        o.gauge(
+            "open_alerts",
+            "Alerts whose deduplication window is open now.",
+            d.open_alerts as u64,
+        )?;
+        o.counter(
+            "open_alerts_evicted",
+            "Open alerts closed before their window passed, to bound memory (final count sent).",
+            d.open_alerts_evicted,
+        )?;
+        o.counter(
+            "detect_state_entries_dropped",
+            "State file entries dropped at load because they failed validation.",
+            d.state_entries_dropped,
+        )?;
+        o.counter(
+            "detect_unnormalisable_paths",
+            "Requests whose path has no normal form (learn mode learns nothing from them).",
+            d.unnormalisable_paths,
+        )?;
 
         // Identity.
         let i = &s.identity;

@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, ValueEnum};
 use monitor::{
     alert::Alert,
@@ -121,6 +121,9 @@ impl Outputs {
                     bindings.spawn_refresh(Duration::from_secs(5));
                 }
                 detector = detector.with_shared(bindings);
+                detector.set_retention(Some(Duration::from_secs(
+                    u64::from(args.clickhouse.clickhouse_ttl_days) * 86_400,
+                )));
                 Some(Store {
                     sink,
                     rt,
@@ -222,24 +225,10 @@ impl Outputs {
                 serde_json::to_value(st.sink.stats()).unwrap_or_default()
             }
         };
-        if let Some(p) = &self.args.state_file {
-            self.detector.save_state(p)?;
-        }
-        if let Some(p) = &self.args.learn_out {
-            let yaml = serde_yaml_ng::to_string(&self.detector.learnt_rules())?;
-            let header = format!(
-                "# Learnt by `monitor` ({} mode) from the traffic it saw: review before committing.\n\
-                 # Workload names were derived from cgroups or executables; rename them freely.\n",
-                if self.args.mode == Some(Mode::Learn) {
-                    "learn"
-                } else {
-                    "enforce"
-                }
-            );
-            std::fs::write(p, header + &yaml)
-                .with_context(|| format!("writing {}", p.display()))?;
-            info!(path = %p.display(), "learnt rules written");
-        }
+        self.detector.finish(
+            self.args.state_file.as_deref(),
+            self.args.learn_out.as_deref(),
+        )?;
         Ok(serde_json::json!({"notify": notify, "clickhouse": ch_stats}))
     }
 }

@@ -3,9 +3,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::Obs;
+use super::{Obs, short_fp};
 use crate::rules::{
-    CredentialMatch, CredentialRule, Destination, Edge, RulesFile, Selector, Workload,
+    CredentialMatch, CredentialRule, Destination, Edge, Mode, RulesFile, Selector, Workload, path,
 };
 
 /// A destination as seen: addresses, ports, HTTP hosts.
@@ -22,10 +22,26 @@ pub struct Graph {
     /// Implicit or rules name → selector that recognises it.
     workloads: BTreeMap<String, Selector>,
     destinations: BTreeMap<String, SeenDestination>,
-    edges: BTreeMap<(String, String), (BTreeSet<String>, BTreeSet<String>)>,
+    edges: BTreeMap<(String, String), SeenEdge>,
+    /// Requests whose path has no normal form: nothing is learnt from them.
+    pub unnormalisable_paths: u64,
+}
+
+#[derive(Debug, Default)]
+struct SeenEdge {
+    methods: BTreeSet<String>,
+    /// Normalised prefixes, none under another, at most `MAX_PREFIXES_PER_EDGE`.
+    paths: BTreeSet<String>,
+    /// Used by a protocol without paths (Redis, PostgreSQL logins): paths do not constrain it.
+    pathless: bool,
 }
 
 const MAX_EDGES: usize = 100_000;
+
+/// Path prefixes learnt per edge; past it they collapse to their common parent (`/` for
+/// first-segment prefixes), so a caller of many distinct top-level paths does not grow the
+/// graph without bound.
+pub const MAX_PREFIXES_PER_EDGE: usize = 32;
 
 /// A readable, rules-friendly name for an implicit workload (`cgroup:/a/b.service` → `b.service`).
 fn readable(name: &str) -> String {
@@ -50,13 +66,74 @@ fn readable(name: &str) -> String {
     }
 }
 
-/// First path segment as the allowed prefix: `/api/v1/orders/7` → `/api/`.
-fn prefix(path: &str) -> String {
-    let p = path.split('?').next().unwrap_or("/");
-    match p[1.min(p.len())..].find('/') {
-        Some(i) => p[..i + 2].to_string(),
-        None => "/".into(),
+/// The first segment of the normalised path as the allowed prefix: `/api/v1/orders/7` →
+/// `/api/`, `/health` → `/health`; `None` when the path has no normal form.
+fn prefix(raw: &str) -> Option<String> {
+    let n = path::normalize(raw)?;
+    let mut segs = path::segments(&n);
+    Some(match (segs.next(), segs.next()) {
+        (None, _) => "/".into(),
+        (Some(first), None) if !n.ends_with('/') => format!("/{first}"),
+        (Some(first), _) => format!("/{first}/"),
+    })
+}
+
+/// The longest prefix, by whole segments, that every one of `prefixes` lies under.
+fn common_parent<'a>(prefixes: impl IntoIterator<Item = &'a String>) -> String {
+    let mut common: Option<Vec<&str>> = None;
+    for p in prefixes {
+        let segs: Vec<&str> = path::segments(p).collect();
+        common = Some(match common {
+            None => segs,
+            Some(c) => c
+                .iter()
+                .zip(&segs)
+                .take_while(|(a, b)| a == b)
+                .map(|(a, _)| *a)
+                .collect(),
+        });
     }
+    let c = common.unwrap_or_default();
+    if c.is_empty() {
+        "/".into()
+    } else {
+        format!("/{}/", c.join("/"))
+    }
+}
+
+impl SeenEdge {
+    fn add_path(&mut self, p: String) {
+        if self.paths.iter().any(|q| path::under(&p, q)) {
+            return;
+        }
+        self.paths.retain(|q| !path::under(q, &p));
+        self.paths.insert(p);
+        if self.paths.len() > MAX_PREFIXES_PER_EDGE {
+            let parent = common_parent(&self.paths);
+            self.paths = BTreeSet::from([parent]);
+        }
+    }
+}
+
+/// Writes the learnt rules for review, 0600 like the state (they name workloads, hosts and
+/// credential fingerprints).
+pub fn write_learn_out(
+    path: &std::path::Path,
+    rules: &RulesFile,
+    mode: Mode,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let yaml = serde_yaml_ng::to_string(rules)?;
+    let header = format!(
+        "# Learnt by `monitor` ({} mode) from the traffic it saw: review before committing.\n\
+         # Workload names were derived from cgroups or executables; rename them freely.\n",
+        match mode {
+            Mode::Learn => "learn",
+            Mode::Enforce => "enforce",
+        }
+    );
+    super::state::write_private(path, (header + &yaml).as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 impl Graph {
@@ -120,20 +197,32 @@ impl Graph {
             d.hosts
                 .insert(h.split(':').next().unwrap_or(h).to_ascii_lowercase());
         }
+        // A request whose path has no normal form teaches nothing: learning the edge without
+        // a path would allow every path.
+        let learnt = if rec.path.is_empty() {
+            None
+        } else {
+            match prefix(&rec.path) {
+                Some(p) => Some(p),
+                None => {
+                    self.unnormalisable_paths += 1;
+                    return;
+                }
+            }
+        };
         let e = self
             .edges
             .entry((obs.source.clone(), obs.destination.clone()))
             .or_default();
-        e.0.insert(rec.method.to_ascii_uppercase());
-        e.1.insert(prefix(&rec.path));
+        e.methods.insert(rec.method.to_ascii_uppercase());
+        match learnt {
+            Some(p) => e.add_path(p),
+            None => e.pathless = true,
+        }
     }
 
     /// The rules in force extended with what was learnt (bindings from `bindings`).
-    pub fn to_rules(
-        &self,
-        base: &RulesFile,
-        bindings: &[(String, String, &'static str)],
-    ) -> RulesFile {
+    pub fn to_rules(&self, base: &RulesFile, bindings: &[(&str, &str, &str)]) -> RulesFile {
         let mut out = base.clone();
         out.mode = Some(crate::rules::Mode::Enforce);
         let known_w: BTreeSet<String> = base.workloads.iter().map(|w| w.name.clone()).collect();
@@ -190,7 +279,7 @@ impl Graph {
             .iter()
             .map(|e| (e.from.clone(), e.to.clone()))
             .collect();
-        for ((from, to), (methods, paths)) in &self.edges {
+        for ((from, to), seen) in &self.edges {
             let (from, to) = (rename(from), rename(to));
             if have.contains(&(from.clone(), to.clone()))
                 || !out.workloads.iter().any(|w| w.name == from)
@@ -200,8 +289,12 @@ impl Graph {
             out.edges.push(Edge {
                 from,
                 to,
-                methods: methods.iter().cloned().collect(),
-                paths: paths.iter().cloned().collect(),
+                methods: seen.methods.iter().cloned().collect(),
+                paths: if seen.pathless {
+                    Vec::new()
+                } else {
+                    seen.paths.iter().cloned().collect()
+                },
             });
         }
         let bound: BTreeSet<String> = base
@@ -209,15 +302,19 @@ impl Graph {
             .iter()
             .filter_map(|c| c.matcher.fingerprint.clone())
             .collect();
-        for (fp, workload, kind) in bindings {
+        for &(fp, workload, kind) in bindings {
             let w = rename(workload);
-            if bound.contains(fp) || !out.workloads.iter().any(|x| x.name == w) {
+            // The rules checker refuses anything but 32 hex digits.
+            if !super::state::valid_fingerprint(fp)
+                || bound.contains(fp)
+                || !out.workloads.iter().any(|x| x.name == w)
+            {
                 continue;
             }
             out.credentials.push(CredentialRule {
-                name: format!("{w}-{kind}-{}", &fp[..8.min(fp.len())]),
+                name: format!("{w}-{kind}-{}", short_fp(fp)),
                 matcher: CredentialMatch {
-                    fingerprint: Some(fp.clone()),
+                    fingerprint: Some(fp.to_string()),
                     ..Default::default()
                 },
                 bound_to: Some(w),
@@ -240,7 +337,49 @@ mod tests {
         );
         assert_eq!(readable("exe:/usr/bin/curl"), "curl");
         assert_eq!(readable("10.0.0.1:443"), "443");
-        assert_eq!(prefix("/api/v1/x?y=1"), "/api/");
-        assert_eq!(prefix("/health"), "/");
+        assert_eq!(prefix("/api/v1/x?y=1").as_deref(), Some("/api/"));
+        assert_eq!(prefix("/health").as_deref(), Some("/health"));
+        assert_eq!(prefix("/api/").as_deref(), Some("/api/"));
+        assert_eq!(prefix("/").as_deref(), Some("/"));
+        assert_eq!(prefix("/x/../api/%2e/v1").as_deref(), Some("/api/"));
+    }
+
+    #[test]
+    fn multibyte_and_invalid_paths_never_panic() {
+        for p in [
+            "é/x",
+            "\u{FFFD}",
+            "\u{FFFD}/a",
+            "/é",
+            "ü",
+            "/..",
+            "/%2e%2e/admin",
+            "*",
+        ] {
+            let _ = prefix(p);
+        }
+        assert_eq!(prefix("/é/x").as_deref(), Some("/é/"));
+        assert_eq!(prefix("é/x"), None);
+    }
+
+    #[test]
+    fn prefixes_per_edge_are_bounded() {
+        let mut e = SeenEdge::default();
+        e.add_path("/api/".into());
+        e.add_path("/api/".into());
+        assert_eq!(e.paths.len(), 1);
+        for i in 0..MAX_PREFIXES_PER_EDGE - 1 {
+            e.add_path(format!("/p{i}"));
+        }
+        assert_eq!(e.paths.len(), MAX_PREFIXES_PER_EDGE);
+        e.add_path("/one-more/".into());
+        assert_eq!(e.paths, BTreeSet::from(["/".to_string()]));
+        // Everything is under `/` now: the set stays at one.
+        e.add_path("/z/".into());
+        assert_eq!(e.paths.len(), 1);
+        assert_eq!(
+            common_parent(&BTreeSet::from(["/a/b/".to_string(), "/a/c".to_string()])),
+            "/a/"
+        );
     }
 }

@@ -70,6 +70,17 @@ pub struct DetectStats {
     pub server_side_duplicates: u64,
     pub bindings: usize,
     pub bindings_evicted: u64,
+    /// Alerts whose deduplication window is open now.
+    pub open_alerts: usize,
+    /// Open alerts closed before their window passed, to stay within `max_open_alerts`.
+    pub open_alerts_evicted: u64,
+    /// Entries of the state file dropped at load because they failed validation.
+    pub state_entries_dropped: u64,
+    /// Requests already older than the ClickHouse TTL when they arrived (a replayed old
+    /// log): ClickHouse acknowledges their rows and then drops them.
+    pub expired_on_arrival: u64,
+    /// Requests whose path could not be normalised (learn mode: no path prefix learnt).
+    pub unnormalisable_paths: u64,
     pub alerts_by_rule: BTreeMap<&'static str, u64>,
     /// (rule, severity in force) → alerts raised (metrics).
     #[serde(skip)]
@@ -84,9 +95,14 @@ pub struct Detector {
     shared: Option<Arc<dyn SharedBindings>>,
     /// Client-side flows seen recently: the server side of the same request is not a second use.
     client_flows: lru::LruCache<(std::net::SocketAddr, std::net::SocketAddr), u64>,
-    /// Kind of each credential seen (for naming learnt bindings).
-    kinds: lru::LruCache<String, &'static str>,
     graph: learn::Graph,
+    /// Final counts of open alerts closed outside `emit` (rules reloaded with a smaller
+    /// bound), sent with the next `flush`.
+    pending: Vec<Alert>,
+    /// ClickHouse's TTL, when rows go there: older requests are counted as expired on arrival.
+    retention: Option<Duration>,
+    /// Time of the oldest request expired on arrival.
+    oldest_expired_ns: Option<u64>,
     pub stats: DetectStats,
 }
 
@@ -149,9 +165,10 @@ pub fn rfc3339(ns: u64) -> String {
     humantime::format_rfc3339_micros(UNIX_EPOCH + Duration::from_nanos(ns)).to_string()
 }
 
-/// Short form of a fingerprint for summaries.
+/// Short form of a fingerprint for summaries and learnt names; any string (a fingerprint
+/// from a tampered state file may not be hex) is cut at a character boundary.
 pub(crate) fn short_fp(fp: &str) -> &str {
-    &fp[..fp.len().min(8)]
+    fp.char_indices().nth(8).map_or(fp, |(i, _)| &fp[..i])
 }
 
 impl Detector {
@@ -160,17 +177,49 @@ impl Detector {
             .settings
             .max_tracked_credentials
             .unwrap_or(DEFAULT_MAX_CREDENTIALS);
-        Detector {
+        let mut d = Detector {
             mode: mode.unwrap_or(rules.mode),
             rules,
             node: node.to_string(),
             state: state.unwrap_or_else(|| State::new(cap)),
             shared: None,
             client_flows: lru::LruCache::new(std::num::NonZeroUsize::new(65536).expect("non-zero")),
-            kinds: lru::LruCache::new(std::num::NonZeroUsize::new(cap.max(1)).expect("non-zero")),
             graph: learn::Graph::default(),
+            pending: Vec::new(),
+            retention: None,
+            oldest_expired_ns: None,
             stats: DetectStats::default(),
+        };
+        d.apply_open_bound();
+        d.stats.state_entries_dropped = d.state.dropped_on_load;
+        d.update_gauges();
+        d
+    }
+
+    /// Rows of requests older than this are dropped by the store they go to (ClickHouse's
+    /// TTL): such requests are counted, and `finish` says how many there were.
+    pub fn set_retention(&mut self, retention: Option<Duration>) {
+        self.retention = retention.filter(|r| !r.is_zero());
+    }
+
+    fn apply_open_bound(&mut self) {
+        let cap = self
+            .rules
+            .settings
+            .max_open_alerts
+            .unwrap_or(state::DEFAULT_MAX_OPEN_ALERTS);
+        for o in self.state.open.set_capacity(cap) {
+            if o.alert.count > o.reported {
+                self.pending.push(o.alert);
+            }
         }
+    }
+
+    fn update_gauges(&mut self) {
+        self.stats.bindings = self.state.creds.len();
+        self.stats.bindings_evicted = self.state.evicted;
+        self.stats.open_alerts = self.state.open.len();
+        self.stats.open_alerts_evicted = self.state.open.evicted;
     }
 
     pub fn with_shared(mut self, shared: Arc<dyn SharedBindings>) -> Self {
@@ -182,6 +231,8 @@ impl Detector {
     pub fn set_rules(&mut self, rules: Arc<Rules>, mode: Option<Mode>) {
         self.mode = mode.unwrap_or(rules.mode);
         self.rules = rules;
+        self.apply_open_bound();
+        self.update_gauges();
     }
 
     pub fn rules(&self) -> &Rules {
@@ -226,6 +277,16 @@ impl Detector {
 
     /// Checks one request; alerts (new ones, not repeats) are appended to `out`.
     pub fn observe(&mut self, rec: &RequestRecord, out: &mut Vec<Alert>) {
+        if let Some(r) = self.retention {
+            let now = std::time::SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            if rec.time.saturating_add(r.as_nanos() as u64) < now {
+                self.stats.expired_on_arrival += 1;
+                self.oldest_expired_ns =
+                    Some(self.oldest_expired_ns.map_or(rec.time, |t| t.min(rec.time)));
+            }
+        }
         let client = workload::is_client_side(rec);
         if let (Some(s), Some(d)) = (&rec.source, &rec.destination) {
             let key = ((s.ip, s.port).into(), (d.ip, d.port).into());
@@ -248,6 +309,7 @@ impl Detector {
         };
         if self.mode == Mode::Learn {
             self.graph.observe(&obs);
+            self.stats.unnormalisable_paths = self.graph.unnormalisable_paths;
         }
         let mut findings = Vec::new();
         graph::off_path(&rules, &obs, &mut findings);
@@ -257,12 +319,10 @@ impl Detector {
             let mut findings = Vec::new();
             let cr = Self::credential_rule(&rules, c);
             hygiene::check(&rules, cr, &obs, c, &mut findings);
-            self.kinds.put(c.fingerprint.clone(), c.kind);
             replay::check(self, cr, &obs, c, &mut findings);
             self.emit(&obs, Some(c), findings, out);
         }
-        self.stats.bindings = self.state.creds.len();
-        self.stats.bindings_evicted = self.state.evicted;
+        self.update_gauges();
     }
 
     fn emit(
@@ -307,7 +367,7 @@ impl Detector {
                 .or_default() += 1;
             self.stats.alerts += 1;
             out.push(alert.clone());
-            self.state.open.insert(
+            let displaced = self.state.open.insert(
                 key,
                 state::Open {
                     alert,
@@ -315,6 +375,13 @@ impl Detector {
                     last_ns: obs.time_ns,
                     reported: 1,
                 },
+            );
+            // A window closed early (or replaced) still sends its final count.
+            out.extend(
+                displaced
+                    .into_iter()
+                    .filter(|o| o.alert.count > o.reported)
+                    .map(|o| o.alert),
             );
         }
     }
@@ -384,21 +451,14 @@ impl Detector {
     /// Closes alerts whose window has passed; those that repeated are re-sent with their
     /// final count (same id), so a flood becomes one alert and one update.
     pub fn flush(&mut self, now_ns: u64, out: &mut Vec<Alert>) {
+        out.append(&mut self.pending);
         let window = self.window();
-        let done: Vec<String> = self
-            .state
-            .open
-            .iter()
-            .filter(|(_, o)| now_ns.saturating_sub(o.first_ns) >= window)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in done {
-            if let Some(o) = self.state.open.remove(&k)
-                && o.alert.count > o.reported
-            {
+        for o in self.state.open.expire(now_ns, window) {
+            if o.alert.count > o.reported {
                 out.push(o.alert);
             }
         }
+        self.update_gauges();
     }
 
     /// At shutdown: report the final counts of open alerts that repeated, keep them open.
@@ -413,15 +473,15 @@ impl Detector {
 
     /// The rules in force extended with the graph and bindings learnt (learn mode).
     pub fn learnt_rules(&self) -> crate::rules::RulesFile {
-        let bindings: Vec<(String, String, &'static str)> = self
+        let bindings: Vec<(&str, &str, &str)> = self
             .state
             .creds
             .iter()
             .map(|(fp, st)| {
                 (
-                    fp.clone(),
-                    st.first_workload.clone(),
-                    self.kinds.peek(fp).copied().unwrap_or("credential"),
+                    fp.as_str(),
+                    st.first_workload.as_str(),
+                    st.kind.as_deref().unwrap_or("credential"),
                 )
             })
             .collect();
@@ -430,6 +490,42 @@ impl Detector {
 
     pub fn save_state(&self, path: &std::path::Path) -> anyhow::Result<()> {
         self.state.save(path)
+    }
+
+    /// At exit: says how many requests were expired on arrival, then saves the state and the
+    /// learnt rules. Each is attempted whatever happened to the other; every failure is
+    /// logged and the first is returned.
+    pub fn finish(
+        &self,
+        state_file: Option<&std::path::Path>,
+        learn_out: Option<&std::path::Path>,
+    ) -> anyhow::Result<()> {
+        if self.stats.expired_on_arrival > 0 {
+            tracing::warn!(
+                expired_on_arrival = self.stats.expired_on_arrival,
+                observations = self.stats.observations + self.stats.server_side_duplicates,
+                oldest = %self.oldest_expired_ns.map(rfc3339).unwrap_or_default(),
+                ttl_days = self.retention.map_or(0, |r| r.as_secs() / 86_400),
+                "requests older than the ClickHouse TTL: ClickHouse acknowledges their rows and then drops them"
+            );
+        }
+        let mut first: Option<anyhow::Error> = None;
+        if let Some(p) = state_file
+            && let Err(e) = self.state.save(p)
+        {
+            tracing::error!(error = %format!("{e:#}"), "state not saved");
+            first.get_or_insert(e);
+        }
+        if let Some(p) = learn_out {
+            match learn::write_learn_out(p, &self.learnt_rules(), self.mode) {
+                Ok(()) => tracing::info!(path = %p.display(), "learnt rules written"),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "learnt rules not written");
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        first.map_or(Ok(()), Err)
     }
 
     pub(crate) fn state_mut(&mut self) -> &mut State {

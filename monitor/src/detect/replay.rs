@@ -66,8 +66,12 @@ pub fn check(
             first_seen_ns: t,
             users: Vec::new(),
             distinct_workloads: 0,
+            kind: None,
         }
     });
+    if st.kind.as_deref() != Some(c.kind) {
+        st.kind = Some(c.kind.to_string());
+    }
     let window = d
         .rules()
         .setting("concurrent-use")

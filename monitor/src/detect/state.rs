@@ -1,15 +1,44 @@
 //! What the detector remembers about each credential, bounded: a least-recently-used map of
-//! fingerprints (evictions counted), saved to disk and restored so a restart neither forgets
-//! bindings nor alerts again on what it already reported.
+//! fingerprints (evictions counted), and the open alerts, bounded and ordered by the time
+//! their window opened; saved to disk and restored so a restart neither forgets bindings nor
+//! alerts again on what it already reported. A state file that cannot be parsed is moved
+//! aside and the daemon starts empty; entries that fail validation are dropped and counted.
 
-use std::{collections::HashMap, fs, io::Write, num::NonZeroUsize, path::Path};
+use std::{
+    collections::{BTreeSet, HashMap},
+    fs,
+    io::{Read, Write},
+    num::NonZeroUsize,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result};
 use lru::LruCache;
 use serde::{Deserialize, Serialize};
+use tracing::warn;
 
 /// Distinct recent users kept per credential.
-const MAX_USERS: usize = 16;
+pub const MAX_USERS: usize = 16;
+
+/// Open alerts kept by default (`detections.max_open_alerts`); past it the oldest window is
+/// closed early (its final count reported) and counted in `open_alerts_evicted`.
+pub const DEFAULT_MAX_OPEN_ALERTS: usize = 20_000;
+
+/// A fingerprint as the fingerprinter writes it: 32 hex digits (16 bytes of HMAC).
+pub fn valid_fingerprint(fp: &str) -> bool {
+    fp.len() == 32 && fp.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("reading the state file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the state file {path} is not a regular file")]
+    NotRegular { path: PathBuf },
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CredState {
@@ -21,6 +50,9 @@ pub struct CredState {
     pub users: Vec<(String, String, u64)>,
     /// Distinct workloads ever seen (bounded by MAX_USERS for memory; the count keeps going).
     pub distinct_workloads: usize,
+    /// Kind of the credential (`bearer`, `basic`, ...), for naming learnt bindings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
 }
 
 impl CredState {
@@ -63,10 +95,117 @@ pub struct Open {
     pub reported: u64,
 }
 
+/// The open alerts, bounded, with their windows in time order: closing the windows that have
+/// passed pops from the front instead of scanning every open alert.
+pub struct OpenAlerts {
+    map: HashMap<String, Open>,
+    /// (first_ns, key) of every entry of `map`.
+    by_time: BTreeSet<(u64, String)>,
+    cap: usize,
+    /// Alerts whose window was closed early to make room.
+    pub evicted: u64,
+}
+
+impl OpenAlerts {
+    pub fn new(cap: usize) -> Self {
+        OpenAlerts {
+            map: HashMap::new(),
+            by_time: BTreeSet::new(),
+            cap: cap.max(1),
+            evicted: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut Open> {
+        self.map.get_mut(key)
+    }
+
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut Open> {
+        self.map.values_mut()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Open)> {
+        self.map.iter()
+    }
+
+    fn remove(&mut self, key: &str) -> Option<Open> {
+        let o = self.map.remove(key)?;
+        self.by_time.remove(&(o.first_ns, key.to_string()));
+        Some(o)
+    }
+
+    fn pop_oldest(&mut self) -> Option<Open> {
+        let (_, key) = self.by_time.pop_first()?;
+        self.map.remove(&key)
+    }
+
+    /// Opens `key`; returns what it displaced (an entry of the same key, or the oldest one
+    /// when full), so that a count not yet reported can still be.
+    pub fn insert(&mut self, key: String, open: Open) -> Vec<Open> {
+        let mut out: Vec<Open> = self.remove(&key).into_iter().collect();
+        while self.map.len() >= self.cap {
+            match self.pop_oldest() {
+                Some(o) => {
+                    self.evicted += 1;
+                    out.push(o);
+                }
+                None => break,
+            }
+        }
+        self.by_time.insert((open.first_ns, key.clone()));
+        self.map.insert(key, open);
+        out
+    }
+
+    /// New capacity (rules reloaded); the oldest go first if it shrank.
+    pub fn set_capacity(&mut self, cap: usize) -> Vec<Open> {
+        self.cap = cap.max(1);
+        let mut out = Vec::new();
+        while self.map.len() > self.cap {
+            match self.pop_oldest() {
+                Some(o) => {
+                    self.evicted += 1;
+                    out.push(o);
+                }
+                None => break,
+            }
+        }
+        out
+    }
+
+    /// Removes the alerts whose window (opened at `first_ns`) has passed at `now_ns`.
+    pub fn expire(&mut self, now_ns: u64, window_ns: u64) -> Vec<Open> {
+        let mut out = Vec::new();
+        while let Some((first, _)) = self.by_time.first() {
+            if now_ns.saturating_sub(*first) < window_ns {
+                break;
+            }
+            if let Some(o) = self.pop_oldest() {
+                out.push(o);
+            }
+        }
+        out
+    }
+}
+
 pub struct State {
     pub creds: LruCache<String, CredState>,
-    pub open: HashMap<String, Open>,
+    pub open: OpenAlerts,
     pub evicted: u64,
+    /// Entries of the state file that failed validation and were dropped at load.
+    pub dropped_on_load: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -80,8 +219,9 @@ impl State {
     pub fn new(capacity: usize) -> Self {
         State {
             creds: LruCache::new(NonZeroUsize::new(capacity.max(1)).expect("non-zero")),
-            open: HashMap::new(),
+            open: OpenAlerts::new(DEFAULT_MAX_OPEN_ALERTS),
             evicted: 0,
+            dropped_on_load: 0,
         }
     }
 
@@ -96,7 +236,6 @@ impl State {
 
     /// Writes the state atomically (temp file + rename), mode 0600: fingerprints only.
     pub fn save(&self, path: &Path) -> Result<()> {
-        use std::os::unix::fs::OpenOptionsExt;
         let saved = Saved {
             version: 1,
             // Least recent first, so a restore rebuilds the same LRU order.
@@ -112,42 +251,204 @@ impl State {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
         };
-        let tmp = path.with_extension("tmp");
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs::create_dir_all(dir)?;
-        }
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&serde_json::to_vec(&saved)?)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path).with_context(|| format!("saving state to {}", path.display()))?;
-        Ok(())
+        write_private(path, &serde_json::to_vec(&saved)?)
+            .with_context(|| format!("saving state to {}", path.display()))
     }
 
-    pub fn load(path: &Path, capacity: usize) -> Result<Self> {
+    /// Restores a saved state. A file that is not a state file (truncated, tampered, another
+    /// format) is moved aside to `<path>.corrupt-<unix seconds>` with one warning and the
+    /// state starts empty; entries that fail validation are dropped and counted.
+    pub fn load(path: &Path, capacity: usize) -> Result<Self, StateError> {
         let mut st = State::new(capacity);
-        let bytes = match fs::read(path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(st),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        let read_err = |source| StateError::Read {
+            path: path.to_path_buf(),
+            source,
         };
-        let saved: Saved = serde_json::from_slice(&bytes)
-            .with_context(|| format!("{} is not a state file", path.display()))?;
-        for (k, v) in saved.creds {
+        let mut f = match fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(st),
+            Err(e) => return Err(read_err(e)),
+        };
+        // A FIFO or a device would block or never end.
+        if !f.metadata().map_err(read_err)?.is_file() {
+            return Err(StateError::NotRegular {
+                path: path.to_path_buf(),
+            });
+        }
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).map_err(read_err)?;
+        let saved: Saved = match serde_json::from_slice(&bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                // serde_json's error names a position, never the content.
+                let aside = set_aside(path);
+                warn!(
+                    path = %path.display(),
+                    moved_to = %aside.as_deref().map_or_else(|| "-".into(), |p| p.display().to_string()),
+                    error = %e,
+                    "the state file is not a state file: moved aside, starting with empty state"
+                );
+                return Ok(st);
+            }
+        };
+        for (k, mut v) in saved.creds {
+            if !valid_fingerprint(&k) {
+                st.dropped_on_load += 1;
+                continue;
+            }
+            v.users.truncate(MAX_USERS);
             st.put(k, v);
         }
-        st.open = saved.open.into_iter().collect();
+        // Restored in full; the detector applies the rules' bound (oldest closed first).
+        st.open.cap = usize::MAX;
+        for (k, o) in saved.open {
+            let fp = &o.alert.credential.fingerprint;
+            if !(fp.is_empty() || valid_fingerprint(fp)) {
+                st.dropped_on_load += 1;
+                continue;
+            }
+            st.open.insert(k, o);
+        }
+        st.open.cap = DEFAULT_MAX_OPEN_ALERTS;
+        if st.dropped_on_load > 0 {
+            warn!(
+                path = %path.display(),
+                dropped = st.dropped_on_load,
+                "state file entries with an invalid fingerprint dropped"
+            );
+        }
         Ok(st)
     }
+}
+
+/// Moves a file that could not be used out of the way, keeping it for inspection.
+fn set_aside(path: &Path) -> Option<PathBuf> {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".corrupt-{secs}"));
+    let aside = PathBuf::from(name);
+    fs::rename(path, &aside).ok().map(|()| aside)
+}
+
+/// Writes `bytes` to `path` atomically (temp file + rename), mode 0600, creating its
+/// directory: for files that hold fingerprints or policy (state, learnt rules).
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir)?;
+    }
+    // A left-over temp file (or a link planted there) is not reused with its own mode.
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const FP: &str = "0123456789abcdef0123456789abcdef";
+
+    fn open_at(first_ns: u64) -> Open {
+        Open {
+            alert: crate::alert::Alert {
+                schema: String::new(),
+                time: String::new(),
+                id: String::new(),
+                rule: "cleartext-credential".into(),
+                severity: crate::alert::Severity::Medium,
+                summary: String::new(),
+                credential: Default::default(),
+                source: Default::default(),
+                destination: Default::default(),
+                expected: serde_json::Value::Null,
+                first_seen: None,
+                first_seen_by: None,
+                owner: None,
+                references: Vec::new(),
+                count: 1,
+            },
+            first_ns,
+            last_ns: first_ns,
+            reported: 1,
+        }
+    }
+
+    #[test]
+    fn open_alerts_are_bounded_and_expire_in_time_order() {
+        let mut o = OpenAlerts::new(3);
+        for (i, t) in [30, 10, 20].into_iter().enumerate() {
+            assert!(o.insert(format!("k{i}"), open_at(t)).is_empty());
+        }
+        // Full: the oldest window (10) makes room, counted.
+        let out = o.insert("k3".into(), open_at(40));
+        assert_eq!(out.iter().map(|o| o.first_ns).collect::<Vec<_>>(), [10]);
+        assert_eq!((o.len(), o.evicted), (3, 1));
+        // Re-opening a key replaces it without growing.
+        let out = o.insert("k3".into(), open_at(45));
+        assert_eq!(out.len(), 1);
+        assert_eq!(o.len(), 3);
+        // Windows of 15 at 40: 20 and 30 have passed, 45 has not.
+        let done = o.expire(40, 15);
+        assert_eq!(done.iter().map(|o| o.first_ns).collect::<Vec<_>>(), [20]);
+        let done = o.expire(45, 15);
+        assert_eq!(done.iter().map(|o| o.first_ns).collect::<Vec<_>>(), [30]);
+        assert_eq!(o.len(), 1);
+        assert_eq!(o.set_capacity(0).len(), 0, "capacity is at least one");
+        assert_eq!(o.by_time.len(), o.map.len());
+    }
+
+    #[test]
+    fn a_corrupt_state_file_is_moved_aside_and_state_starts_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.json");
+        fs::write(&p, b"{\"version\":1,\"creds\":[[\"").unwrap();
+        let st = State::load(&p, 10).unwrap();
+        assert_eq!(st.creds.len(), 0);
+        assert!(!p.exists());
+        let aside: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(aside.len(), 1);
+        assert!(aside[0].starts_with("state.json.corrupt-"), "{aside:?}");
+        // Not a regular file: a clear error, nothing moved.
+        let e = State::load(Path::new("/dev/null"), 10).err().unwrap();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn tampered_entries_are_dropped_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.json");
+        let mut s = State::new(10);
+        s.put(FP.into(), cs("a"));
+        s.put("éééééééééééééééé".into(), cs("b"));
+        s.put("zz".into(), cs("c"));
+        let mut bad = open_at(1);
+        bad.alert.credential.fingerprint = "not hex".into();
+        s.open.insert("bad".into(), bad);
+        s.open.insert("ok".into(), open_at(2));
+        s.save(&p).unwrap();
+        let back = State::load(&p, 10).unwrap();
+        assert_eq!(back.dropped_on_load, 3);
+        assert_eq!(back.creds.len(), 1);
+        assert_eq!(back.open.len(), 1);
+    }
 
     fn cs(w: &str) -> CredState {
         CredState {
@@ -156,6 +457,7 @@ mod tests {
             first_seen_ns: 1,
             users: vec![],
             distinct_workloads: 1,
+            kind: None,
         }
     }
 
@@ -181,10 +483,10 @@ mod tests {
         let mut s = State::new(10);
         let mut c = cs("payments");
         c.touch("payments", "n", 5);
-        s.put("fp1".into(), c.clone());
+        s.put(FP.into(), c.clone());
         s.save(&p).unwrap();
         let back = State::load(&p, 10).unwrap();
-        assert_eq!(back.creds.peek("fp1"), Some(&c));
+        assert_eq!(back.creds.peek(FP), Some(&c));
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
             fs::metadata(&p).unwrap().permissions().mode() & 0o777,

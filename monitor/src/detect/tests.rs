@@ -662,3 +662,203 @@ fn learn_names_pods_by_owner_and_enforce_selects_them() {
     let quiet = run(&rules, "n1", &[c]);
     assert!(quiet.is_empty(), "{quiet:#?}");
 }
+
+fn at_path(mut r: RequestRecord, path: &str) -> RequestRecord {
+    r.path = path.into();
+    r
+}
+
+#[test]
+fn off_path_compares_normalised_paths_by_segment() {
+    let r = rules(RULES);
+    for bad in [
+        "/api/../admin/users",
+        "/api/%2e%2e/admin/users",
+        "/api/.%2E/admin",
+        "/api%2f..%2fadmin",
+        "/api/..;/admin",
+        "/api\\..\\admin",
+        "/apix",
+        "/apix/y",
+        "/api/../..",
+        "/..",
+        "é/x",
+        "/api/x%zz",
+        "",
+    ] {
+        let a = run(
+            &r,
+            "n1",
+            &[at_path(req("/payments", "10.9.0.1", true, 0, vec![]), bad)],
+        );
+        assert_eq!(
+            fired(&a, "off-path").len(),
+            1,
+            "{bad:?} passed the /api/ edge"
+        );
+    }
+    for good in [
+        "/api/orders",
+        "/api",
+        "/api//orders/./7",
+        "/x/../api/orders",
+        "/api/%6Frders?next=/admin",
+        "/api/orders/%2e%2e",
+        "http://orders.test/api/orders",
+    ] {
+        let a = run(
+            &r,
+            "n1",
+            &[at_path(req("/payments", "10.9.0.1", true, 0, vec![]), good)],
+        );
+        assert!(fired(&a, "off-path").is_empty(), "{good:?}: {a:#?}");
+    }
+}
+
+#[test]
+fn edge_paths_are_normalised_and_checked_with_positions() {
+    let r = rules(
+        "workloads:\n  - { name: a, match: { comm: a } }\ndestinations:\n  - { name: d, ips: [10.0.0.1] }\nedges:\n  - { from: a, to: d, paths: [/v1/./orders/, /x//y] }\n",
+    );
+    assert_eq!(r.edges[0].paths, ["/v1/orders/", "/x/y"]);
+    for bad in ["api/", "/../x", "/a?b=1", "/a%zz"] {
+        let text = format!(
+            "workloads:\n  - {{ name: a, match: {{ comm: a }} }}\ndestinations:\n  - {{ name: d, ips: [10.0.0.1] }}\nedges:\n  - from: a\n    to: d\n    paths: [\"{bad}\"]\n"
+        );
+        let f = std::path::PathBuf::from("e.yaml");
+        let parsed = check::parse(&f, &text).unwrap();
+        let e = check::compile(vec![(f, text.clone(), parsed)]).unwrap_err();
+        let shown = e[0].to_string();
+        assert!(
+            shown.starts_with("e.yaml:8:14: edge from `a` to `d` path"),
+            "{bad}: {shown}"
+        );
+    }
+}
+
+#[test]
+fn learn_survives_paths_that_are_not_char_boundaries_or_normalisable() {
+    let empty = Arc::new(Rules::default());
+    let mut d = Detector::new(empty, "n1", Some(crate::rules::Mode::Learn), None);
+    let mut out = Vec::new();
+    for (i, p) in ["é/x", "\u{FFFD}", "\u{FFFD}\u{FFFD}/a", "/..", "ü"]
+        .iter()
+        .enumerate()
+    {
+        d.observe(
+            &at_path(
+                req(
+                    "/shop/payments",
+                    "10.9.0.1",
+                    true,
+                    i as u64,
+                    vec![cred(FP, None)],
+                ),
+                p,
+            ),
+            &mut out,
+        );
+    }
+    assert_eq!(d.stats.unnormalisable_paths, 5);
+    d.observe(
+        &at_path(
+            req("/shop/payments", "10.9.0.1", true, 9, vec![cred(FP, None)]),
+            "/é/x",
+        ),
+        &mut out,
+    );
+    let learnt = d.learnt_rules();
+    // Nothing learnt from the bad paths: the one edge allows only the good one's prefix.
+    assert_eq!(learnt.edges.len(), 1);
+    assert_eq!(learnt.edges[0].paths, ["/é/"]);
+}
+
+#[test]
+fn a_tampered_binding_cannot_break_learn() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("state.json");
+    let mut st = State::new(10);
+    st.put(
+        "éééééééé".into(),
+        state::CredState {
+            first_workload: "cgroup:/shop/payments".into(),
+            first_node: "n1".into(),
+            first_seen_ns: NOW,
+            users: vec![],
+            distinct_workloads: 1,
+            kind: None,
+        },
+    );
+    st.save(&p).unwrap();
+    let st = State::load(&p, 10).unwrap();
+    let empty = Arc::new(Rules::default());
+    let mut d = Detector::new(empty, "n1", Some(crate::rules::Mode::Learn), Some(st));
+    assert_eq!(d.stats.state_entries_dropped, 1);
+    // Even one that got in some other way is left out of the learnt rules, not a panic.
+    d.state_mut().put(
+        "éééééééé".into(),
+        state::CredState {
+            first_workload: "cgroup:/shop/payments".into(),
+            first_node: "n1".into(),
+            first_seen_ns: NOW,
+            users: vec![],
+            distinct_workloads: 1,
+            kind: None,
+        },
+    );
+    let mut out = Vec::new();
+    d.observe(
+        &req("/shop/payments", "10.9.0.1", true, 0, vec![cred(FP, None)]),
+        &mut out,
+    );
+    let learnt = d.learnt_rules();
+    assert_eq!(learnt.credentials.len(), 1);
+    assert_eq!(
+        learnt.credentials[0].matcher.fingerprint.as_deref(),
+        Some(FP)
+    );
+    assert_eq!(short_fp("éééééééééé"), "éééééééé");
+}
+
+#[test]
+fn open_alerts_are_bounded_and_close_in_time_order() {
+    let r = rules("detections:\n  max_open_alerts: 3\n  dedup_window: 60s\n");
+    let mut d = Detector::new(r, "n1", None, None);
+    let mut out = Vec::new();
+    let fp = |i: u64| format!("{i:032x}");
+    // Five distinct cleartext credentials, each seen twice: five alerts, three kept open.
+    for i in 0..5u64 {
+        for _ in 0..2 {
+            d.observe(
+                &req("/orders", "10.9.0.1", false, i, vec![cred(&fp(i), None)]),
+                &mut out,
+            );
+        }
+    }
+    assert_eq!(fired(&out, "cleartext-credential").len(), 5 + 2, "{out:#?}");
+    // The two closed early sent their final count (2) at once.
+    assert_eq!(
+        out.iter()
+            .filter(|a| a.count == 2)
+            .map(|a| a.credential.fingerprint.clone())
+            .collect::<Vec<_>>(),
+        [fp(0), fp(1)]
+    );
+    assert_eq!((d.stats.open_alerts, d.stats.open_alerts_evicted), (3, 2));
+    // The window (60 s from t=2) has passed for t=2 only at t=62.
+    let mut later = Vec::new();
+    d.flush(NOW + 62 * 1_000_000_000, &mut later);
+    assert_eq!(later.len(), 1);
+    assert_eq!(later[0].credential.fingerprint, fp(2));
+    assert_eq!(d.stats.open_alerts, 2);
+    // Rules reloaded with a smaller bound: the oldest closes, its count sent at the next flush.
+    d.set_rules(
+        rules("detections:\n  max_open_alerts: 1\n  dedup_window: 60s\n"),
+        None,
+    );
+    let mut later = Vec::new();
+    d.flush(NOW + 62 * 1_000_000_000, &mut later);
+    assert_eq!(later.len(), 1);
+    assert_eq!(later[0].credential.fingerprint, fp(3));
+    assert_eq!(d.stats.open_alerts, 1);
+}

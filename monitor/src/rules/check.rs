@@ -219,6 +219,18 @@ pub fn compile(files: Vec<(PathBuf, String, RulesFile)>) -> Result<Rules, Vec<Ru
                     ),
                 );
             }
+            for p in &e.paths {
+                if p.contains(['?', '#']) || path::normalize(p).is_none() {
+                    c.err(
+                        "edges:",
+                        p,
+                        format!(
+                            "edge from `{}` to `{}` path `{p}`: expected an absolute path prefix such as /api/ (no query, not climbing above /)",
+                            e.from, e.to
+                        ),
+                    );
+                }
+            }
             for m in &e.methods {
                 if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
                     c.err(
@@ -299,9 +311,20 @@ pub fn compile(files: Vec<(PathBuf, String, RulesFile)>) -> Result<Rules, Vec<Ru
             if d.max_tracked_credentials.is_some() {
                 rules.settings.max_tracked_credentials = d.max_tracked_credentials;
             }
+            if d.max_open_alerts.is_some() {
+                rules.settings.max_open_alerts = d.max_open_alerts;
+            }
             rules.settings.rules.extend(d.rules.clone());
         }
-        rules.edges.extend(r.edges.iter().cloned());
+        // Compared in normal form with normalised request paths (rules::path).
+        rules.edges.extend(r.edges.iter().cloned().map(|mut e| {
+            for p in &mut e.paths {
+                if let Some(n) = path::normalize(p) {
+                    *p = n;
+                }
+            }
+            e
+        }));
         rules
             .credentials
             .extend(r.credentials.iter().cloned().map(|mut c| {

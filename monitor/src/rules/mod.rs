@@ -3,6 +3,7 @@
 //! file:line:column and what was expected.
 
 pub mod check;
+pub mod path;
 
 use std::{
     collections::BTreeMap,
@@ -290,6 +291,10 @@ pub struct DetectionSettings {
     /// Bindings (first-seen workload per credential) kept in memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tracked_credentials: Option<usize>,
+    /// Alerts with an open deduplication window kept in memory (default 20000); past it the
+    /// oldest window closes early, its final count sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_open_alerts: Option<usize>,
     #[serde(default, flatten)]
     pub rules: BTreeMap<String, RuleSetting>,
 }
