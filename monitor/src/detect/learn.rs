@@ -36,7 +36,11 @@ struct SeenEdge {
     pathless: bool,
 }
 
+/// Edges learnt; workloads and destinations are at most as many (each comes with an edge).
 const MAX_EDGES: usize = 100_000;
+
+/// Addresses, ports and hosts learnt per destination.
+const MAX_PER_DESTINATION: usize = 64;
 
 /// Path prefixes learnt per edge; past it they collapse to their common parent (`/` for
 /// first-segment prefixes), so a caller of many distinct top-level paths does not grow the
@@ -189,11 +193,19 @@ impl Graph {
             .destinations
             .entry(obs.destination.clone())
             .or_default();
+        // Addresses, ports and hosts of one destination are bounded too (a name that
+        // resolves to ever new addresses would grow them).
         if let Some(e) = &rec.destination {
-            d.ips.insert(e.ip.to_string());
-            d.ports.insert(e.port);
+            if d.ips.len() < MAX_PER_DESTINATION {
+                d.ips.insert(e.ip.to_string());
+            }
+            if d.ports.len() < MAX_PER_DESTINATION {
+                d.ports.insert(e.port);
+            }
         }
-        if let Some(h) = &rec.host {
+        if let Some(h) = &rec.host
+            && d.hosts.len() < MAX_PER_DESTINATION
+        {
             d.hosts
                 .insert(h.split(':').next().unwrap_or(h).to_ascii_lowercase());
         }

@@ -208,11 +208,9 @@ impl Detector {
             .settings
             .max_open_alerts
             .unwrap_or(state::DEFAULT_MAX_OPEN_ALERTS);
-        for o in self.state.open.set_capacity(cap) {
-            if o.alert.count > o.reported {
-                self.pending.push(o.alert);
-            }
-        }
+        let closed = self.state.open.set_capacity(cap);
+        self.pending
+            .extend(closed.iter().filter_map(state::Open::unreported));
     }
 
     fn update_gauges(&mut self) {
@@ -352,7 +350,7 @@ impl Detector {
             if let Some(open) = self.state.open.get_mut(&key)
                 && obs.time_ns.saturating_sub(open.first_ns) < window
             {
-                open.alert.count += 1;
+                open.count += 1;
                 open.last_ns = obs.time_ns;
                 self.stats.deduplicated += 1;
                 continue;
@@ -366,23 +364,16 @@ impl Detector {
                 .entry((f.rule, severity))
                 .or_default() += 1;
             self.stats.alerts += 1;
-            out.push(alert.clone());
-            let displaced = self.state.open.insert(
-                key,
-                state::Open {
-                    alert,
-                    first_ns: obs.time_ns,
-                    last_ns: obs.time_ns,
-                    reported: 1,
-                },
-            );
-            // A window closed early (or replaced) still sends its final count.
-            out.extend(
-                displaced
-                    .into_iter()
-                    .filter(|o| o.alert.count > o.reported)
-                    .map(|o| o.alert),
-            );
+            match state::Open::new(&alert, obs.time_ns) {
+                Ok(open) => {
+                    let displaced = self.state.open.insert(key, open);
+                    // A window closed early (or replaced) still sends its final count.
+                    out.extend(displaced.iter().filter_map(state::Open::unreported));
+                }
+                // Alerts are plain data: this does not happen; the alert still goes out.
+                Err(e) => tracing::warn!(error = %e, "alert not kept for deduplication"),
+            }
+            out.push(alert);
         }
     }
 
@@ -453,20 +444,17 @@ impl Detector {
     pub fn flush(&mut self, now_ns: u64, out: &mut Vec<Alert>) {
         out.append(&mut self.pending);
         let window = self.window();
-        for o in self.state.open.expire(now_ns, window) {
-            if o.alert.count > o.reported {
-                out.push(o.alert);
-            }
-        }
+        let closed = self.state.open.expire(now_ns, window);
+        out.extend(closed.iter().filter_map(state::Open::unreported));
         self.update_gauges();
     }
 
     /// At shutdown: report the final counts of open alerts that repeated, keep them open.
     pub fn flush_counts(&mut self, out: &mut Vec<Alert>) {
         for o in self.state.open.values_mut() {
-            if o.alert.count > o.reported {
-                o.reported = o.alert.count;
-                out.push(o.alert.clone());
+            if let Some(a) = o.unreported() {
+                o.reported = o.count;
+                out.push(a);
             }
         }
     }
@@ -480,7 +468,7 @@ impl Detector {
             .map(|(fp, st)| {
                 (
                     fp.as_str(),
-                    st.first_workload.as_str(),
+                    &*st.first_workload,
                     st.kind.as_deref().unwrap_or("credential"),
                 )
             })

@@ -22,28 +22,31 @@ pub fn check(
     let fp = &c.fingerprint;
     let now = obs.time_ns;
     let remote = d.shared().and_then(|s| s.get(fp));
-    let local = d.state_mut().creds.get(fp).cloned();
+    let state = d.state_mut();
+    let local = state.creds.get(fp).cloned();
+    let names = &mut state.names;
+    let (source, node) = (names.get(&obs.source), names.get(obs.node));
     // The owner: the rules' binding, else whoever used it first (here or on another node).
     let first = match (&local, &remote) {
         (Some(l), Some(r)) if r.first_seen_ns < l.first_seen_ns => {
-            Some((r.workload.clone(), r.node.clone(), r.first_seen_ns))
+            Some((names.get(&r.workload), names.get(&r.node), r.first_seen_ns))
         }
         (Some(l), _) => Some((
             l.first_workload.clone(),
             l.first_node.clone(),
             l.first_seen_ns,
         )),
-        (None, Some(r)) => Some((r.workload.clone(), r.node.clone(), r.first_seen_ns)),
+        (None, Some(r)) => Some((names.get(&r.workload), names.get(&r.node), r.first_seen_ns)),
         (None, None) => None,
     };
     let owner = cr
-        .and_then(|r| r.bound_to.clone())
-        .map(|w| (w, "rules".to_string(), 0))
+        .and_then(|r| r.bound_to.as_deref())
+        .map(|w| (names.get(w), names.get("rules"), 0))
         .or(first.clone());
     if let Some((ow, onode, ons)) = &owner
-        && *ow != obs.source
+        && **ow != *obs.source
     {
-        let how = if onode == "rules" {
+        let how = if &**onode == "rules" {
             "bound by the rules".to_string()
         } else {
             format!("first seen on {onode} at {}", rfc3339(*ons))
@@ -52,14 +55,14 @@ pub fn check(
             rule: "token-replay",
             severity: default_severity("token-replay"),
             summary: format!("credential {} of {ow} ({how}) presented by {} to {}", short_fp(fp), obs.source, obs.destination),
-            expected: json!({"workload": ow, "binding": if onode == "rules" { "rules" } else { "first-seen" }}),
-            first_seen: (*ons > 0).then(|| (*ons, ow.clone())),
+            expected: json!({"workload": &**ow, "binding": if &**onode == "rules" { "rules" } else { "first-seen" }}),
+            first_seen: (*ons > 0).then(|| (*ons, ow.to_string())),
         });
     }
     let mut st = local.unwrap_or_else(|| {
         let (w, n, t) = first
             .clone()
-            .unwrap_or_else(|| (obs.source.clone(), obs.node.to_string(), now));
+            .unwrap_or_else(|| (source.clone(), node.clone(), now));
         CredState {
             first_workload: w,
             first_node: n,
@@ -70,7 +73,7 @@ pub fn check(
         }
     });
     if st.kind.as_deref() != Some(c.kind) {
-        st.kind = Some(c.kind.to_string());
+        st.kind = Some(d.state_mut().names.get(c.kind));
     }
     let window = d
         .rules()
@@ -78,10 +81,10 @@ pub fn check(
         .window
         .unwrap_or(DEFAULT_CONCURRENCY_WINDOW)
         .as_nanos() as u64;
-    let others: Vec<&(String, String, u64)> = st
+    let others: Vec<&(super::state::Name, super::state::Name, u64)> = st
         .users
         .iter()
-        .filter(|u| (u.0 != obs.source || u.1 != obs.node) && now.saturating_sub(u.2) < window)
+        .filter(|u| (u.0 != source || u.1 != node) && now.saturating_sub(u.2) < window)
         .collect();
     if !others.is_empty() {
         out.push(Finding {
@@ -96,11 +99,11 @@ pub fn check(
                 humantime::format_duration(Duration::from_nanos(window))
             ),
             expected: json!({"max_concurrent_users": 1, "window": humantime::format_duration(Duration::from_nanos(window)).to_string()}),
-            first_seen: Some((st.first_seen_ns, st.first_workload.clone())),
+            first_seen: Some((st.first_seen_ns, st.first_workload.to_string())),
         });
     }
     let was_new = st.users.is_empty() && st.distinct_workloads == 0;
-    st.touch(&obs.source, obs.node, now);
+    st.touch(&source, &node, now);
     let max = d
         .rules()
         .setting("shared-credential")
@@ -117,7 +120,7 @@ pub fn check(
                 obs.source
             ),
             expected: json!({"max_workloads": max}),
-            first_seen: Some((st.first_seen_ns, st.first_workload.clone())),
+            first_seen: Some((st.first_seen_ns, st.first_workload.to_string())),
         });
     }
     // Publish only bindings made here; one learnt from another node is already shared.

@@ -5,16 +5,18 @@
 //! aside and the daemon starts empty; entries that fail validation are dropped and counted.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     fs,
-    io::{Read, Write},
+    io::Write,
     num::NonZeroUsize,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use anyhow::{Context, Result};
 use lru::LruCache;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use tracing::warn;
 
 /// Distinct recent users kept per credential.
@@ -40,32 +42,59 @@ pub enum StateError {
     NotRegular { path: PathBuf },
 }
 
+/// A workload, node or kind name: one allocation shared by every binding that holds it.
+pub type Name = Arc<str>;
+
+/// The names in use, so that a million bindings of a few workloads do not hold a million
+/// copies of their names. Bounded: when full it starts over (names already handed out stay
+/// valid, later ones are allocated again).
+#[derive(Default)]
+pub struct Names {
+    set: HashSet<Name>,
+}
+
+const MAX_NAMES: usize = 65_536;
+
+impl Names {
+    pub fn get(&mut self, s: &str) -> Name {
+        if let Some(n) = self.set.get(s) {
+            return n.clone();
+        }
+        if self.set.len() >= MAX_NAMES {
+            self.set.clear();
+        }
+        let n: Name = s.into();
+        self.set.insert(n.clone());
+        n
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CredState {
     /// The workload the credential was first seen with: its owner, unless the rules say.
-    pub first_workload: String,
-    pub first_node: String,
+    pub first_workload: Name,
+    pub first_node: Name,
     pub first_seen_ns: u64,
     /// Recent users: (workload, node, last use).
-    pub users: Vec<(String, String, u64)>,
+    pub users: Vec<(Name, Name, u64)>,
     /// Distinct workloads ever seen (bounded by MAX_USERS for memory; the count keeps going).
     pub distinct_workloads: usize,
     /// Kind of the credential (`bearer`, `basic`, ...), for naming learnt bindings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kind: Option<String>,
+    pub kind: Option<Name>,
 }
 
 impl CredState {
-    pub fn touch(&mut self, workload: &str, node: &str, now_ns: u64) {
+    pub fn touch(&mut self, workload: &Name, node: &Name, now_ns: u64) {
         if let Some(u) = self
             .users
             .iter_mut()
-            .find(|u| u.0 == workload && u.1 == node)
+            .find(|u| u.0 == *workload && u.1 == *node)
         {
             u.2 = u.2.max(now_ns);
             return;
         }
-        if !self.users.iter().any(|u| u.0 == workload) {
+        if !self.users.iter().any(|u| u.0 == *workload) {
             self.distinct_workloads += 1;
         }
         if self.users.len() >= MAX_USERS {
@@ -80,19 +109,50 @@ impl CredState {
                 self.users.swap_remove(i);
             }
         }
-        self.users
-            .push((workload.to_string(), node.to_string(), now_ns));
+        // Most credentials have one user: no room reserved for more.
+        self.users.reserve_exact(1);
+        self.users.push((workload.clone(), node.clone(), now_ns));
     }
 }
 
 /// One open alert: repeats within the window fold into `count`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Open {
-    pub alert: crate::alert::Alert,
+    /// The alert as first raised, kept as its JSON: a parsed `Alert` is several KiB of small
+    /// allocations, its JSON under 1 KiB. Holds fingerprints, never a secret.
+    alert: Box<RawValue>,
+    /// Occurrences within the window (0 in files from before it was kept here: the alert's
+    /// own count is used).
+    #[serde(default)]
+    pub count: u64,
     pub first_ns: u64,
     pub last_ns: u64,
     /// Count already reported.
     pub reported: u64,
+}
+
+impl Open {
+    pub fn new(alert: &crate::alert::Alert, first_ns: u64) -> serde_json::Result<Self> {
+        Ok(Open {
+            alert: serde_json::value::to_raw_value(alert)?,
+            count: alert.count,
+            first_ns,
+            last_ns: first_ns,
+            reported: alert.count,
+        })
+    }
+
+    /// The alert with the count reached, to be sent again.
+    pub fn alert(&self) -> Option<crate::alert::Alert> {
+        let mut a: crate::alert::Alert = serde_json::from_str(self.alert.get()).ok()?;
+        a.count = self.count;
+        Some(a)
+    }
+
+    /// The alert again if it repeated since it was last reported.
+    pub fn unreported(&self) -> Option<crate::alert::Alert> {
+        (self.count > self.reported).then(|| self.alert()).flatten()
+    }
 }
 
 /// The open alerts, bounded, with their windows in time order: closing the windows that have
@@ -206,13 +266,22 @@ pub struct State {
     pub evicted: u64,
     /// Entries of the state file that failed validation and were dropped at load.
     pub dropped_on_load: u64,
+    pub names: Names,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct Saved {
     version: u32,
     creds: Vec<(String, CredState)>,
     open: Vec<(String, Open)>,
+}
+
+/// What `save` writes: the same shape as `Saved`, borrowed, so saving does not copy the state.
+#[derive(Serialize)]
+struct SavedRef<'a> {
+    version: u32,
+    creds: Vec<(&'a String, &'a CredState)>,
+    open: Vec<(&'a String, &'a Open)>,
 }
 
 impl State {
@@ -222,6 +291,7 @@ impl State {
             open: OpenAlerts::new(DEFAULT_MAX_OPEN_ALERTS),
             evicted: 0,
             dropped_on_load: 0,
+            names: Names::default(),
         }
     }
 
@@ -236,23 +306,16 @@ impl State {
 
     /// Writes the state atomically (temp file + rename), mode 0600: fingerprints only.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let saved = Saved {
+        let saved = SavedRef {
             version: 1,
             // Least recent first, so a restore rebuilds the same LRU order.
-            creds: self
-                .creds
-                .iter()
-                .rev()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            open: self
-                .open
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            creds: self.creds.iter().rev().collect(),
+            open: self.open.iter().collect(),
         };
-        write_private(path, &serde_json::to_vec(&saved)?)
-            .with_context(|| format!("saving state to {}", path.display()))
+        write_private_with(path, |w| {
+            serde_json::to_writer(w, &saved).map_err(std::io::Error::other)
+        })
+        .with_context(|| format!("saving state to {}", path.display()))
     }
 
     /// Restores a saved state. A file that is not a state file (truncated, tampered, another
@@ -264,7 +327,7 @@ impl State {
             path: path.to_path_buf(),
             source,
         };
-        let mut f = match fs::File::open(path) {
+        let f = match fs::File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(st),
             Err(e) => return Err(read_err(e)),
@@ -275,12 +338,17 @@ impl State {
                 path: path.to_path_buf(),
             });
         }
-        let mut bytes = Vec::new();
-        f.read_to_end(&mut bytes).map_err(read_err)?;
-        let saved: Saved = match serde_json::from_slice(&bytes) {
+        // Streamed: the file's text is never held next to what it decodes to.
+        let saved: Result<Saved, String> = serde_json::from_reader(std::io::BufReader::new(f))
+            // serde_json's error names a position, never the content.
+            .map_err(|e| e.to_string())
+            .and_then(|s: Saved| match s.version {
+                1 => Ok(s),
+                v => Err(format!("unknown state file version {v}")),
+            });
+        let saved = match saved {
             Ok(s) => s,
             Err(e) => {
-                // serde_json's error names a position, never the content.
                 let aside = set_aside(path);
                 warn!(
                     path = %path.display(),
@@ -297,15 +365,31 @@ impl State {
                 continue;
             }
             v.users.truncate(MAX_USERS);
+            // Decoded names are copies of their own: share them again.
+            let n = &mut st.names;
+            v.first_workload = n.get(&v.first_workload);
+            v.first_node = n.get(&v.first_node);
+            v.kind = v.kind.map(|k| n.get(&k));
+            for u in &mut v.users {
+                *u = (n.get(&u.0), n.get(&u.1), u.2);
+            }
             st.put(k, v);
         }
         // Restored in full; the detector applies the rules' bound (oldest closed first).
         st.open.cap = usize::MAX;
-        for (k, o) in saved.open {
-            let fp = &o.alert.credential.fingerprint;
-            if !(fp.is_empty() || valid_fingerprint(fp)) {
+        for (k, mut o) in saved.open {
+            let Some(a) = serde_json::from_str::<crate::alert::Alert>(o.alert.get())
+                .ok()
+                .filter(|a| {
+                    let fp = &a.credential.fingerprint;
+                    fp.is_empty() || valid_fingerprint(fp)
+                })
+            else {
                 st.dropped_on_load += 1;
                 continue;
+            };
+            if o.count == 0 {
+                o.count = a.count;
             }
             st.open.insert(k, o);
         }
@@ -335,6 +419,14 @@ fn set_aside(path: &Path) -> Option<PathBuf> {
 /// Writes `bytes` to `path` atomically (temp file + rename), mode 0600, creating its
 /// directory: for files that hold fingerprints or policy (state, learnt rules).
 pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_private_with(path, |w| w.write_all(bytes))
+}
+
+/// `write_private` with the content written by `fill`, through a buffer.
+pub fn write_private_with(
+    path: &Path,
+    fill: impl FnOnce(&mut std::io::BufWriter<&fs::File>) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
@@ -347,12 +439,15 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    let mut f = fs::OpenOptions::new()
+    let f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(&tmp)?;
-    f.write_all(bytes)?;
+    let mut w = std::io::BufWriter::new(&f);
+    fill(&mut w)?;
+    w.flush()?;
+    drop(w);
     f.sync_all()?;
     fs::rename(&tmp, path)
 }
@@ -364,15 +459,22 @@ mod tests {
     const FP: &str = "0123456789abcdef0123456789abcdef";
 
     fn open_at(first_ns: u64) -> Open {
-        Open {
-            alert: crate::alert::Alert {
+        open_with(first_ns, "")
+    }
+
+    fn open_with(first_ns: u64, fp: &str) -> Open {
+        Open::new(
+            &crate::alert::Alert {
                 schema: String::new(),
                 time: String::new(),
                 id: String::new(),
                 rule: "cleartext-credential".into(),
                 severity: crate::alert::Severity::Medium,
                 summary: String::new(),
-                credential: Default::default(),
+                credential: crate::alert::AlertCredential {
+                    fingerprint: fp.into(),
+                    ..Default::default()
+                },
                 source: Default::default(),
                 destination: Default::default(),
                 expected: serde_json::Value::Null,
@@ -383,9 +485,8 @@ mod tests {
                 count: 1,
             },
             first_ns,
-            last_ns: first_ns,
-            reported: 1,
-        }
+        )
+        .unwrap()
     }
 
     #[test]
@@ -439,9 +540,7 @@ mod tests {
         s.put(FP.into(), cs("a"));
         s.put("éééééééééééééééé".into(), cs("b"));
         s.put("zz".into(), cs("c"));
-        let mut bad = open_at(1);
-        bad.alert.credential.fingerprint = "not hex".into();
-        s.open.insert("bad".into(), bad);
+        s.open.insert("bad".into(), open_with(1, "not hex"));
         s.open.insert("ok".into(), open_at(2));
         s.save(&p).unwrap();
         let back = State::load(&p, 10).unwrap();
@@ -482,7 +581,7 @@ mod tests {
         let p = dir.path().join("state.json");
         let mut s = State::new(10);
         let mut c = cs("payments");
-        c.touch("payments", "n", 5);
+        c.touch(&"payments".into(), &"n".into(), 5);
         s.put(FP.into(), c.clone());
         s.save(&p).unwrap();
         let back = State::load(&p, 10).unwrap();
@@ -498,7 +597,7 @@ mod tests {
     fn users_are_bounded() {
         let mut c = cs("a");
         for i in 0..100 {
-            c.touch(&format!("w{i}"), "n", i);
+            c.touch(&format!("w{i}").into(), &"n".into(), i);
         }
         assert_eq!(c.users.len(), MAX_USERS);
         assert_eq!(c.distinct_workloads, 101);

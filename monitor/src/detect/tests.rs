@@ -503,7 +503,10 @@ fn learn_mode_binds_without_reuse_alerts() {
         )),
         "{out:#?}"
     );
-    assert_eq!(d.state().creds.peek(FP).unwrap().first_workload, "payments");
+    assert_eq!(
+        &*d.state().creds.peek(FP).unwrap().first_workload,
+        "payments"
+    );
 }
 
 #[test]
@@ -861,4 +864,57 @@ fn open_alerts_are_bounded_and_close_in_time_order() {
     assert_eq!(later.len(), 1);
     assert_eq!(later[0].credential.fingerprint, fp(3));
     assert_eq!(d.stats.open_alerts, 1);
+}
+
+#[test]
+fn requests_older_than_the_store_ttl_are_counted_on_arrival() {
+    let r = rules(RULES);
+    let mut d = Detector::new(r, "n1", None, None);
+    d.set_retention(Some(std::time::Duration::from_secs(30 * 86_400)));
+    let mut out = Vec::new();
+    let mut old = req("/payments", "10.9.0.1", true, 0, vec![]);
+    old.time = 1_600_000_000 * 1_000_000_000;
+    d.observe(&old, &mut out);
+    d.observe(&req("/payments", "10.9.0.1", true, 1, vec![]), &mut out);
+    assert_eq!(d.stats.expired_on_arrival, 1);
+    assert_eq!(d.oldest_expired_ns, Some(old.time));
+    // Without a store there is no TTL.
+    d.set_retention(None);
+    d.observe(&old, &mut out);
+    assert_eq!(d.stats.expired_on_arrival, 1);
+}
+
+#[test]
+fn a_failed_state_save_still_writes_learn_out_and_the_reverse() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_dir = dir.path().join("file");
+    std::fs::write(&not_a_dir, "x").unwrap();
+    let empty = Arc::new(Rules::default());
+    let mut d = Detector::new(empty, "n1", Some(crate::rules::Mode::Learn), None);
+    let mut out = Vec::new();
+    d.observe(
+        &req("/shop/payments", "10.9.0.1", true, 0, vec![cred(FP, None)]),
+        &mut out,
+    );
+    let learnt = dir.path().join("learnt.yaml");
+    // An earlier, world-readable learn-out is replaced by a private one.
+    std::fs::write(&learnt, "old").unwrap();
+    std::fs::set_permissions(&learnt, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = d
+        .finish(Some(&not_a_dir.join("state.json")), Some(&learnt))
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("saving state"), "{e:#}");
+    let text = std::fs::read_to_string(&learnt).unwrap();
+    assert!(text.contains(FP), "{text}");
+    assert_eq!(
+        std::fs::metadata(&learnt).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let state = dir.path().join("state.json");
+    let e = d
+        .finish(Some(&state), Some(&not_a_dir.join("learnt.yaml")))
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("learnt.yaml"), "{e:#}");
+    assert!(State::load(&state, 10).unwrap().creds.peek(FP).is_some());
 }
