@@ -878,10 +878,41 @@ fn requests_older_than_the_store_ttl_are_counted_on_arrival() {
     d.observe(&req("/payments", "10.9.0.1", true, 1, vec![]), &mut out);
     assert_eq!(d.stats.expired_on_arrival, 1);
     assert_eq!(d.oldest_expired_ns, Some(old.time));
+    // Said once at the end, with the counts.
+    let logs = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let sink = logs.clone();
+    let sub = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || LogBuf(sink.clone()))
+        .finish();
+    tracing::subscriber::with_default(sub, || d.finish(None, None)).unwrap();
+    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    assert_eq!(
+        text.matches("older than the ClickHouse TTL").count(),
+        1,
+        "{text}"
+    );
+    assert!(
+        text.contains("expired_on_arrival=1 observations=2"),
+        "{text}"
+    );
+    assert!(text.contains("oldest=2020-09-13T12:26:40"), "{text}");
     // Without a store there is no TTL.
     d.set_retention(None);
     d.observe(&old, &mut out);
     assert_eq!(d.stats.expired_on_arrival, 1);
+}
+
+struct LogBuf(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[test]

@@ -177,6 +177,22 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn normal_forms_are_stable_and_clean(p in "[/a.%2eEfF5cC\\\\;?é]{0,24}") {
+            if let Some(n) = normalize(&p) {
+                proptest::prop_assert!(n.starts_with('/'));
+                proptest::prop_assert!(!n.contains("//"), "{n}");
+                proptest::prop_assert!(!n.contains('\\'), "{n}");
+                proptest::prop_assert!(segments(&n).all(|s| {
+                    let bare = s.split(';').next().unwrap_or_default();
+                    bare != "." && bare != ".."
+                }), "{n}");
+                proptest::prop_assert_eq!(normalize(&n), Some(n.clone()));
+            }
+        }
+    }
+
     #[test]
     fn prefixes_match_whole_segments() {
         assert!(under("/api/x", "/api/"));
