@@ -25,6 +25,8 @@ pub struct Graph {
     edges: BTreeMap<(String, String), SeenEdge>,
     /// Requests whose path has no normal form: nothing is learnt from them.
     pub unnormalisable_paths: u64,
+    /// Requests not learnt because a bound of the graph was reached.
+    pub not_learnt: u64,
 }
 
 #[derive(Debug, Default)]
@@ -37,10 +39,15 @@ struct SeenEdge {
 }
 
 /// Edges learnt; workloads and destinations are at most as many (each comes with an edge).
-const MAX_EDGES: usize = 100_000;
+/// With the bounds below, learn mode's graph stays under ~5 KiB per edge (~100 MiB).
+pub const MAX_EDGES: usize = 20_000;
 
 /// Addresses, ports and hosts learnt per destination.
-const MAX_PER_DESTINATION: usize = 64;
+pub const MAX_PER_DESTINATION: usize = 16;
+
+/// Methods learnt per edge; a request with another one is not learnt (enforce will then
+/// call it off-path, rather than allow any method).
+pub const MAX_METHODS_PER_EDGE: usize = 16;
 
 /// Path prefixes learnt per edge; past it they collapse to their common parent (`/` for
 /// first-segment prefixes), so a caller of many distinct top-level paths does not grow the
@@ -142,10 +149,31 @@ pub fn write_learn_out(
 
 impl Graph {
     pub fn observe(&mut self, obs: &Obs) {
-        if self.edges.len() >= MAX_EDGES {
+        let key = (obs.source.clone(), obs.destination.clone());
+        let rec = obs.rec;
+        let method = rec.method.to_ascii_uppercase();
+        let full = match self.edges.get(&key) {
+            None => self.edges.len() >= MAX_EDGES,
+            Some(e) => !e.methods.contains(&method) && e.methods.len() >= MAX_METHODS_PER_EDGE,
+        };
+        if full {
+            self.not_learnt += 1;
             return;
         }
-        let rec = obs.rec;
+        // A request whose path has no normal form teaches nothing (learning its edge without
+        // a path would allow every path), nor its workload or destination: each of those
+        // comes with an edge, which bounds them.
+        let learnt = if rec.path.is_empty() {
+            None
+        } else {
+            match prefix(&rec.path) {
+                Some(p) => Some(p),
+                None => {
+                    self.unnormalisable_paths += 1;
+                    return;
+                }
+            }
+        };
         if super::workload::is_client_side(rec) {
             let sel = if let Some(c) = obs.source.strip_prefix("cgroup:") {
                 Selector {
@@ -209,24 +237,8 @@ impl Graph {
             d.hosts
                 .insert(h.split(':').next().unwrap_or(h).to_ascii_lowercase());
         }
-        // A request whose path has no normal form teaches nothing: learning the edge without
-        // a path would allow every path.
-        let learnt = if rec.path.is_empty() {
-            None
-        } else {
-            match prefix(&rec.path) {
-                Some(p) => Some(p),
-                None => {
-                    self.unnormalisable_paths += 1;
-                    return;
-                }
-            }
-        };
-        let e = self
-            .edges
-            .entry((obs.source.clone(), obs.destination.clone()))
-            .or_default();
-        e.methods.insert(rec.method.to_ascii_uppercase());
+        let e = self.edges.entry(key).or_default();
+        e.methods.insert(method);
         match learnt {
             Some(p) => e.add_path(p),
             None => e.pathless = true,

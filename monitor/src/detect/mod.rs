@@ -79,8 +79,10 @@ pub struct DetectStats {
     /// Requests already older than the ClickHouse TTL when they arrived (a replayed old
     /// log): ClickHouse acknowledges their rows and then drops them.
     pub expired_on_arrival: u64,
-    /// Requests whose path could not be normalised (learn mode: no path prefix learnt).
+    /// Requests whose path could not be normalised (learn mode: nothing learnt from them).
     pub unnormalisable_paths: u64,
+    /// Requests not learnt because a bound of the learnt graph was reached (learn mode).
+    pub not_learnt: u64,
     pub alerts_by_rule: BTreeMap<&'static str, u64>,
     /// (rule, severity in force) → alerts raised (metrics).
     #[serde(skip)]
@@ -308,6 +310,7 @@ impl Detector {
         if self.mode == Mode::Learn {
             self.graph.observe(&obs);
             self.stats.unnormalisable_paths = self.graph.unnormalisable_paths;
+            self.stats.not_learnt = self.graph.not_learnt;
         }
         let mut findings = Vec::new();
         graph::off_path(&rules, &obs, &mut findings);

@@ -949,3 +949,26 @@ fn a_failed_state_save_still_writes_learn_out_and_the_reverse() {
     assert!(format!("{e:#}").contains("learnt.yaml"), "{e:#}");
     assert!(State::load(&state, 10).unwrap().creds.peek(FP).is_some());
 }
+
+#[test]
+fn the_learnt_graph_is_bounded() {
+    let empty = Arc::new(Rules::default());
+    let mut d = Detector::new(empty, "n1", Some(crate::rules::Mode::Learn), None);
+    let mut out = Vec::new();
+    for i in 0..(learn::MAX_METHODS_PER_EDGE + 4) {
+        let mut r = req("/shop/payments", "10.9.0.1", true, 0, vec![]);
+        r.method = format!("M{i}");
+        d.observe(&r, &mut out);
+    }
+    assert_eq!(d.stats.not_learnt, 4);
+    let learnt = d.learnt_rules();
+    assert_eq!(learnt.edges[0].methods.len(), learn::MAX_METHODS_PER_EDGE);
+    // A request with a bad path adds no workload and no destination.
+    d.observe(
+        &at_path(req("/shop/other", "10.9.0.7", true, 0, vec![]), "/.."),
+        &mut out,
+    );
+    let learnt = d.learnt_rules();
+    assert_eq!(learnt.destinations.len(), 1, "{:#?}", learnt.destinations);
+    assert_eq!(learnt.workloads.len(), 1);
+}
