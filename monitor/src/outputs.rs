@@ -100,7 +100,14 @@ impl Outputs {
             .max_tracked_credentials
             .unwrap_or(monitor::detect::DEFAULT_MAX_CREDENTIALS);
         let state = match &args.state_file {
-            Some(p) => Some(State::load(p, cap)?),
+            Some(p) => Some(State::load_bounded(
+                p,
+                cap,
+                rules
+                    .settings
+                    .max_open_alerts
+                    .unwrap_or(monitor::detect::state::DEFAULT_MAX_OPEN_ALERTS),
+            )?),
             None => None,
         };
         let mut detector = Detector::new(rules, node, args.mode, state);

@@ -15,7 +15,10 @@ use std::{
 
 use anyhow::{Context, Result};
 use lru::LruCache;
-use serde::{Deserialize, Serialize};
+use serde::{
+    Deserialize, Serialize,
+    de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor},
+};
 use serde_json::value::RawValue;
 use tracing::warn;
 
@@ -196,8 +199,11 @@ impl OpenAlerts {
         self.map.values_mut()
     }
 
+    /// Oldest window first (saved in this order, so a smaller bound at load keeps the latest).
     pub fn iter(&self) -> impl Iterator<Item = (&String, &Open)> {
-        self.map.iter()
+        self.by_time
+            .iter()
+            .filter_map(|(_, k)| self.map.get_key_value(k))
     }
 
     fn remove(&mut self, key: &str) -> Option<Open> {
@@ -269,14 +275,7 @@ pub struct State {
     pub names: Names,
 }
 
-#[derive(Deserialize)]
-struct Saved {
-    version: u32,
-    creds: Vec<(String, CredState)>,
-    open: Vec<(String, Open)>,
-}
-
-/// What `save` writes: the same shape as `Saved`, borrowed, so saving does not copy the state.
+/// What `save` writes (and `Loader` reads), borrowed, so saving does not copy the state.
 #[derive(Serialize)]
 struct SavedRef<'a> {
     version: u32,
@@ -318,11 +317,28 @@ impl State {
         .with_context(|| format!("saving state to {}", path.display()))
     }
 
-    /// Restores a saved state. A file that is not a state file (truncated, tampered, another
-    /// format) is moved aside to `<path>.corrupt-<unix seconds>` with one warning and the
-    /// state starts empty; entries that fail validation are dropped and counted.
+    /// Restores a saved state, with at most `DEFAULT_MAX_OPEN_ALERTS` open alerts.
     pub fn load(path: &Path, capacity: usize) -> Result<Self, StateError> {
-        let mut st = State::new(capacity);
+        Self::load_bounded(path, capacity, DEFAULT_MAX_OPEN_ALERTS)
+    }
+
+    /// Restores a saved state, entry by entry into the bounded maps (the most recent
+    /// `capacity` bindings, `open_capacity` open alerts), so that a huge file costs no more
+    /// memory than a full state. A file that is not a state file (truncated, tampered,
+    /// another format or version) is moved aside to `<path>.corrupt-<unix seconds>` with one
+    /// warning and the state starts empty; entries that fail validation are dropped and
+    /// counted.
+    pub fn load_bounded(
+        path: &Path,
+        capacity: usize,
+        open_capacity: usize,
+    ) -> Result<Self, StateError> {
+        let fresh = || {
+            let mut st = State::new(capacity);
+            st.open.cap = open_capacity.max(1);
+            st
+        };
+        let mut st = fresh();
         let read_err = |source| StateError::Read {
             path: path.to_path_buf(),
             source,
@@ -338,62 +354,19 @@ impl State {
                 path: path.to_path_buf(),
             });
         }
-        // Streamed: the file's text is never held next to what it decodes to.
-        let saved: Result<Saved, String> = serde_json::from_reader(std::io::BufReader::new(f))
+        let mut de = serde_json::Deserializer::from_reader(std::io::BufReader::new(f));
+        let loaded = Loader(&mut st).deserialize(&mut de).and_then(|()| de.end());
+        if let Err(e) = loaded {
+            let aside = set_aside(path);
             // serde_json's error names a position, never the content.
-            .map_err(|e| e.to_string())
-            .and_then(|s: Saved| match s.version {
-                1 => Ok(s),
-                v => Err(format!("unknown state file version {v}")),
-            });
-        let saved = match saved {
-            Ok(s) => s,
-            Err(e) => {
-                let aside = set_aside(path);
-                warn!(
-                    path = %path.display(),
-                    moved_to = %aside.as_deref().map_or_else(|| "-".into(), |p| p.display().to_string()),
-                    error = %e,
-                    "the state file is not a state file: moved aside, starting with empty state"
-                );
-                return Ok(st);
-            }
-        };
-        for (k, mut v) in saved.creds {
-            if !valid_fingerprint(&k) {
-                st.dropped_on_load += 1;
-                continue;
-            }
-            v.users.truncate(MAX_USERS);
-            // Decoded names are copies of their own: share them again.
-            let n = &mut st.names;
-            v.first_workload = n.get(&v.first_workload);
-            v.first_node = n.get(&v.first_node);
-            v.kind = v.kind.map(|k| n.get(&k));
-            for u in &mut v.users {
-                *u = (n.get(&u.0), n.get(&u.1), u.2);
-            }
-            st.put(k, v);
+            warn!(
+                path = %path.display(),
+                moved_to = %aside.as_deref().map_or_else(|| "-".into(), |p| p.display().to_string()),
+                error = %e,
+                "the state file is not a state file: moved aside, starting with empty state"
+            );
+            return Ok(fresh());
         }
-        // Restored in full; the detector applies the rules' bound (oldest closed first).
-        st.open.cap = usize::MAX;
-        for (k, mut o) in saved.open {
-            let Some(a) = serde_json::from_str::<crate::alert::Alert>(o.alert.get())
-                .ok()
-                .filter(|a| {
-                    let fp = &a.credential.fingerprint;
-                    fp.is_empty() || valid_fingerprint(fp)
-                })
-            else {
-                st.dropped_on_load += 1;
-                continue;
-            };
-            if o.count == 0 {
-                o.count = a.count;
-            }
-            st.open.insert(k, o);
-        }
-        st.open.cap = DEFAULT_MAX_OPEN_ALERTS;
         if st.dropped_on_load > 0 {
             warn!(
                 path = %path.display(),
@@ -402,6 +375,102 @@ impl State {
             );
         }
         Ok(st)
+    }
+
+    fn restore_cred(&mut self, k: String, mut v: CredState) {
+        if !valid_fingerprint(&k) {
+            self.dropped_on_load += 1;
+            return;
+        }
+        v.users.truncate(MAX_USERS);
+        // Decoded names are copies of their own: share them again.
+        let n = &mut self.names;
+        v.first_workload = n.get(&v.first_workload);
+        v.first_node = n.get(&v.first_node);
+        v.kind = v.kind.map(|k| n.get(&k));
+        for u in &mut v.users {
+            *u = (n.get(&u.0), n.get(&u.1), u.2);
+        }
+        self.put(k, v);
+    }
+
+    fn restore_open(&mut self, k: String, mut o: Open) {
+        let Some(a) = serde_json::from_str::<crate::alert::Alert>(o.alert.get())
+            .ok()
+            .filter(|a| {
+                let fp = &a.credential.fingerprint;
+                fp.is_empty() || valid_fingerprint(fp)
+            })
+        else {
+            self.dropped_on_load += 1;
+            return;
+        };
+        if o.count == 0 {
+            o.count = a.count;
+        }
+        self.open.insert(k, o);
+    }
+}
+
+/// Decodes a state file (`{"version": 1, "creds": [...], "open": [...]}`) straight into a
+/// `State`.
+struct Loader<'a>(&'a mut State);
+
+impl<'de> DeserializeSeed<'de> for Loader<'_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Loader<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a monitor state file")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<(), A::Error> {
+        let mut version = false;
+        while let Some(k) = m.next_key::<String>()? {
+            match k.as_str() {
+                "version" => match m.next_value::<u32>()? {
+                    1 => version = true,
+                    v => return Err(de::Error::custom(format!("unknown version {v}"))),
+                },
+                "creds" => m.next_value_seed(Entries(&mut *self.0, State::restore_cred))?,
+                "open" => m.next_value_seed(Entries(&mut *self.0, State::restore_open))?,
+                _ => {
+                    m.next_value::<de::IgnoredAny>()?;
+                }
+            }
+        }
+        if version {
+            Ok(())
+        } else {
+            Err(de::Error::missing_field("version"))
+        }
+    }
+}
+
+/// A list of `(key, value)` entries, each handed to `restore` as soon as it is decoded.
+struct Entries<'a, T>(&'a mut State, fn(&mut State, String, T));
+
+impl<'de, T: Deserialize<'de>> DeserializeSeed<'de> for Entries<'_, T> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for Entries<'_, T> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list of [key, value] entries")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some((k, v)) = seq.next_element::<(String, T)>()? {
+            (self.1)(&mut *self.0, k, v);
+        }
+        Ok(())
     }
 }
 
@@ -547,6 +616,29 @@ mod tests {
         assert_eq!(back.dropped_on_load, 3);
         assert_eq!(back.creds.len(), 1);
         assert_eq!(back.open.len(), 1);
+    }
+
+    #[test]
+    fn loading_applies_the_bounds_entry_by_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.json");
+        let mut s = State::new(100);
+        for i in 0..100u64 {
+            s.put(format!("{i:032x}"), cs("a"));
+            s.open.insert(format!("k{i}"), open_at(i));
+        }
+        s.save(&p).unwrap();
+        let back = State::load_bounded(&p, 10, 5).unwrap();
+        // The most recent bindings and the latest windows are the ones kept.
+        assert_eq!(back.creds.len(), 10);
+        assert!(back.creds.peek(&format!("{:032x}", 99)).is_some());
+        assert!(back.creds.peek(&format!("{:032x}", 89)).is_none());
+        assert_eq!(back.open.len(), 5);
+        assert_eq!(back.open.by_time.first().unwrap().0, 95);
+        // Another version is not this state file: moved aside.
+        fs::write(&p, br#"{"version":2,"creds":[],"open":[]}"#).unwrap();
+        assert_eq!(State::load(&p, 10).unwrap().creds.len(), 0);
+        assert!(!p.exists());
     }
 
     fn cs(w: &str) -> CredState {
