@@ -61,7 +61,8 @@ pub struct DetectArgs {
 }
 
 /// History in ClickHouse and bindings shared with the other nodes through it. The sink runs
-/// on its own runtime thread, so neither the capture loop nor replay waits on the server.
+/// on its own runtime thread, so neither the capture loop nor replay waits on the server;
+/// `run` (inside the daemon's runtime) and `replay` (synchronous) reach it the same way.
 struct Store {
     sink: ClickHouseSink,
     rt: SinkRuntime,
@@ -109,8 +110,10 @@ impl Outputs {
             None => None,
             Some(cfg) => {
                 let (sink, rt) = ClickHouseSink::start_dedicated(cfg)?;
-                let bindings = Arc::new(SharedBindings::new(&sink));
-                match rt.block_on(bindings.load_initial()) {
+                let bindings = SharedBindings::new(&sink);
+                let loading = bindings.clone();
+                // Bounded by --clickhouse-timeout: a hung server delays the start, never stops it.
+                match rt.wait(async move { loading.load_initial().await }) {
                     Ok(n) => info!(bindings = n, "bindings from all nodes loaded"),
                     Err(e) => {
                         warn!(error = %format!("{e:#}"), "ClickHouse not reachable: bindings of other nodes unknown until it is")
@@ -120,7 +123,7 @@ impl Outputs {
                     let _guard = rt.handle().enter();
                     bindings.spawn_refresh(Duration::from_secs(5));
                 }
-                detector = detector.with_shared(bindings);
+                detector = detector.with_shared(Arc::new(bindings));
                 Some(Store {
                     sink,
                     rt,
@@ -216,7 +219,8 @@ impl Outputs {
             None => serde_json::Value::Null,
             Some(st) => {
                 // Everything sent, or spooled on disk for the next start: nothing is lost.
-                if let Err(e) = st.rt.block_on(st.sink.shutdown()) {
+                let sink = st.sink.clone();
+                if let Err(e) = st.rt.wait(async move { sink.shutdown().await }) {
                     warn!(error = %format!("{e:#}"), "ClickHouse shutdown");
                 }
                 serde_json::to_value(st.sink.stats()).unwrap_or_default()

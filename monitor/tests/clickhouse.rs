@@ -121,7 +121,7 @@ fn config(url: &str, database: &str, spool: &Path) -> SinkConfig {
     c.batch_interval = Duration::from_millis(100);
     c.retry_min = Duration::from_millis(100);
     c.retry_max = Duration::from_millis(500);
-    c.insert_timeout = Duration::from_secs(10);
+    c.request_timeout = Duration::from_secs(10);
     c
 }
 
@@ -627,17 +627,19 @@ fn dedicated_runtime_for_synchronous_callers() {
     let (sink, rt) =
         ClickHouseSink::start_dedicated(config(&server.url(), "sync", spool.path())).unwrap();
     let bindings = SharedBindings::new(&sink);
-    assert_eq!(rt.block_on(bindings.load_initial()).unwrap(), 0);
+    let b = bindings.clone();
+    assert_eq!(rt.wait(async move { b.load_initial().await }).unwrap(), 0);
     let base = now_ns() - 3_600_000_000_000;
     for i in 0..N {
         sink.record(&plain(i, base + i * 1000), "node-1", "replay");
     }
     bindings.publish("fp-sync", "replay", "node-1", base);
-    rt.block_on(sink.shutdown()).unwrap();
+    let s2 = sink.clone();
+    rt.wait(async move { s2.shutdown().await }).unwrap();
     let s = sink.stats();
     assert_eq!((s.rows_written, s.dropped), (N + 1, 0), "{s:?}");
     let c = client(&server);
-    let n = rt.block_on(scalar(&c, "SELECT count() FROM sync.flows"));
+    let n = rt.wait(async move { scalar(&c, "SELECT count() FROM sync.flows").await });
     assert_eq!(n, N);
     drop(rt);
 }
