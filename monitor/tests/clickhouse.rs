@@ -1124,3 +1124,102 @@ fn token_first_seen_on_one_node_and_replayed_on_another_raises_token_replay() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&n.stdout).trim(), "1");
 }
+
+/// A server that takes every connection and never answers (nor closes).
+fn hung_url() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in l.incoming() {
+            held.push(c);
+        }
+    });
+    url
+}
+
+/// `monitor replay` against a ClickHouse that accepts and never answers: it finishes in
+/// bounded time (each request gives up after --clickhouse-timeout) with its rows in the spool,
+/// and never logs the URL's credentials even with the HTTP clients asked to trace. A later
+/// replay against a real server sends the spooled rows, once.
+#[test]
+fn replay_against_a_server_that_never_answers_ends_in_bounded_time_and_spools() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let log = common_log::write_log(
+        dir.path(),
+        "hung.jsonl",
+        &(0..5)
+            .map(|i| {
+                common_log::request(i, "/shop/payments", "tok-hung-canary", &format!("/h/{i}"))
+            })
+            .collect::<Vec<_>>(),
+    );
+    let replay = |url: &str, log: &str| {
+        let t = Instant::now();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_monitor"))
+            .args(["replay", "--events", log, "--print", "none", "--node", "n1"])
+            .args(["--clickhouse-url", url, "--clickhouse-database", "hung"])
+            .args(["--clickhouse-timeout", "1s"])
+            .arg("--spool-dir")
+            .arg(&spool)
+            .arg("--key-file")
+            .arg(dir.path().join("key"))
+            .env(
+                "MONITOR_LOG",
+                "debug,ureq=trace,hyper=trace,hyper_util=trace,clickhouse=trace",
+            )
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        (t.elapsed(), stderr)
+    };
+    let hung = hung_url().replace("http://", "http://monitor:pw-canary@") + "/?token=q-canary";
+    let (took, stderr) = replay(&hung, &log);
+    eprintln!("replay against a hung server took {took:?}");
+    // Migration, bindings load, the batch, the final flush: each bounded by 1 s.
+    assert!(took < Duration::from_secs(15), "took {took:?}:\n{stderr}");
+    assert!(stderr.contains("no answer within"), "{stderr}");
+    for canary in ["tok-hung-canary", "pw-canary", "q-canary"] {
+        assert!(!stderr.contains(canary), "{canary} in the log:\n{stderr}");
+    }
+    let spooled: Vec<_> = std::fs::read_dir(&spool)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".jsonl"))
+        .collect();
+    assert!(
+        spooled.iter().any(|n| n.contains(".flows.")),
+        "flows wait in the spool: {spooled:?}"
+    );
+
+    // The server is back: an empty replay sends what waited, and only once.
+    let server = Server::start();
+    let empty = common_log::write_log(dir.path(), "empty.jsonl", &[]);
+    let (_, stderr) = replay(&server.url(), &empty);
+    assert!(!stderr.contains("tok-hung-canary"));
+    let n = std::process::Command::new("curl")
+        .args([
+            "-s",
+            &format!(
+                "{}/?query=SELECT+count(),uniqExact(path)+FROM+hung.flows+FORMAT+CSV",
+                server.url()
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&n.stdout).trim(), "5,5");
+    assert_eq!(
+        std::fs::read_dir(&spool)
+            .unwrap()
+            .filter(|e| e
+                .as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".jsonl"))
+            .count(),
+        0
+    );
+}
