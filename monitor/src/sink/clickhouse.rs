@@ -251,7 +251,12 @@ enum Msg {
     Request(FlowRow, Vec<ObservationRow>),
     Alert(Box<AlertRow>),
     Binding(BindingRow),
-    Flush(oneshot::Sender<Result<(), String>>),
+    /// `durable`: the rows in hand go to the spool before anything is sent, so that they are
+    /// on disk before the caller waits on the network (a shutdown that may be cut short).
+    Flush {
+        reply: oneshot::Sender<Result<(), String>>,
+        durable: bool,
+    },
     Stop,
 }
 
@@ -408,10 +413,14 @@ impl ClickHouseSink {
     /// Sends everything queued so far, the spool included. `Err` if some of it is still
     /// waiting in the spool (ClickHouse unreachable or refusing): nothing is lost by that.
     pub async fn flush(&self) -> Result<()> {
-        let (tx, rx) = oneshot::channel();
+        self.flush_with(false).await
+    }
+
+    async fn flush_with(&self, durable: bool) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
         self.inner
             .tx
-            .send(Msg::Flush(tx))
+            .send(Msg::Flush { reply, durable })
             .await
             .map_err(|_| anyhow!("ClickHouse writer has stopped"))?;
         let r = rx
@@ -421,10 +430,11 @@ impl ClickHouseSink {
         r.map_err(|e| anyhow!(e))
     }
 
-    /// Flushes, then stops the writer. What could not be sent stays in the spool for the
-    /// next start.
+    /// Writes the rows in hand to the spool, sends the spool, then stops the writer. What
+    /// could not be sent stays in the spool for the next start; none of it waits in memory
+    /// on a slow server, so being killed mid-shutdown loses nothing.
     pub async fn shutdown(&self) -> Result<()> {
-        let r = self.flush().await;
+        let r = self.flush_with(true).await;
         let _ = self.inner.tx.send(Msg::Stop).await;
         let tasks: Vec<_> = std::mem::take(&mut *self.inner.tasks.lock().expect("tasks"));
         for t in tasks {
@@ -589,12 +599,12 @@ impl Batcher {
                 _ = tick.tick() => self.seal_all().await,
             }
         }
-        // Rows queued before the channel closed are still sent (or spooled).
+        // Rows queued after the last flush wait in the spool for the next start.
         self.rx.close();
         while let Ok(m) = self.rx.try_recv() {
             self.handle(m).await;
         }
-        self.seal_all().await;
+        self.spool_all();
     }
 
     async fn handle(&mut self, m: Msg) {
@@ -621,8 +631,12 @@ impl Batcher {
                     self.seal(Table::CredentialBindings).await;
                 }
             }
-            Msg::Flush(reply) => {
-                self.seal_all().await;
+            Msg::Flush { reply, durable } => {
+                if durable {
+                    self.spool_all();
+                } else {
+                    self.seal_all().await;
+                }
                 if let Err(e) = self.sealed.send(Sealed::Flush(reply)).await
                     && let Sealed::Flush(reply) = e.0
                 {
@@ -639,15 +653,29 @@ impl Batcher {
         }
     }
 
-    async fn seal(&mut self, t: Table) {
-        let rows = match t {
+    /// Every table's rows in hand, straight to the spool.
+    fn spool_all(&mut self) {
+        for t in Table::ALL {
+            let rows = self.take(t);
+            if !rows.is_empty() {
+                spool_batch(&self.spool, &self.counters, &Batch::new(rows));
+            }
+        }
+    }
+
+    fn take(&mut self, t: Table) -> Rows {
+        match t {
             Table::Flows => Rows::Flows(std::mem::take(&mut self.flows)),
             Table::CredentialObservations => {
                 Rows::Observations(std::mem::take(&mut self.observations))
             }
             Table::Alerts => Rows::Alerts(std::mem::take(&mut self.alerts)),
             Table::CredentialBindings => Rows::Bindings(std::mem::take(&mut self.bindings)),
-        };
+        }
+    }
+
+    async fn seal(&mut self, t: Table) {
+        let rows = self.take(t);
         if rows.is_empty() {
             return;
         }
@@ -1016,6 +1044,33 @@ mod tests {
         );
         assert!(s.errors >= 2, "{s:?}");
         assert_eq!(spool_files(spool.path()), 1);
+    }
+
+    /// At shutdown the rows in hand reach the disk before the writer waits on the server: a
+    /// shutdown cut short (SIGKILL after a grace period) loses none of them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_spools_rows_before_waiting_on_the_server() {
+        let spool = tempfile::tempdir().unwrap();
+        let mut cfg = config(&hung_url(), spool.path());
+        cfg.request_timeout = Duration::from_secs(2);
+        // Only the shutdown seals.
+        cfg.batch_interval = Duration::from_secs(3600);
+        let sink = ClickHouseSink::start(cfg).await.unwrap();
+        sink.binding(binding("fp-1"));
+        let s2 = sink.clone();
+        let t = Instant::now();
+        let stopping = tokio::spawn(async move { s2.shutdown().await });
+        while spool_files(spool.path()) == 0 {
+            assert!(t.elapsed() < Duration::from_secs(1), "not spooled at once");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            !stopping.is_finished(),
+            "the shutdown still waits on the server"
+        );
+        assert!(stopping.await.unwrap().is_err());
+        let s = sink.stats();
+        assert_eq!((s.spool_rows, s.rows_written), (1, 0), "{s:?}");
     }
 
     /// A batch larger than the whole spool is shed: counted as shed, not as spooled.
