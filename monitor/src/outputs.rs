@@ -112,8 +112,15 @@ impl Outputs {
                 let (sink, rt) = ClickHouseSink::start_dedicated(cfg)?;
                 let bindings = SharedBindings::new(&sink);
                 let loading = bindings.clone();
-                // Bounded by --clickhouse-timeout: a hung server delays the start, never stops it.
-                match rt.wait(async move { loading.load_initial().await }) {
+                // Each wait is bounded by --clickhouse-timeout; a server that did not answer
+                // the migration is not waited on twice. Live, the first refresh that gets
+                // through loads them all.
+                let loaded = if sink.answered_at_start() {
+                    rt.wait(async move { loading.load_initial().await })
+                } else {
+                    Err(anyhow::anyhow!("no answer at start"))
+                };
+                match loaded {
                     Ok(n) => info!(bindings = n, "bindings from all nodes loaded"),
                     Err(e) => {
                         warn!(error = %format!("{e:#}"), "ClickHouse not reachable: bindings of other nodes unknown until it is")

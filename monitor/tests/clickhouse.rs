@@ -1178,8 +1178,9 @@ fn replay_against_a_server_that_never_answers_ends_in_bounded_time_and_spools() 
     let hung = hung_url().replace("http://", "http://monitor:pw-canary@") + "/?token=q-canary";
     let (took, stderr) = replay(&hung, &log);
     eprintln!("replay against a hung server took {took:?}");
-    // Migration, bindings load, the batch, the final flush: each bounded by 1 s.
-    assert!(took < Duration::from_secs(15), "took {took:?}:\n{stderr}");
+    // The migration at start and the final send, each bounded by 1 s (the bindings load is
+    // not tried against a server that did not answer the migration).
+    assert!(took < Duration::from_secs(10), "took {took:?}:\n{stderr}");
     assert!(stderr.contains("no answer within"), "{stderr}");
     for canary in ["tok-hung-canary", "pw-canary", "q-canary"] {
         assert!(!stderr.contains(canary), "{canary} in the log:\n{stderr}");

@@ -275,6 +275,8 @@ struct Inner {
     client: Client,
     schema: SchemaConfig,
     request_timeout: Duration,
+    /// The schema migration at start got its answers.
+    answered_at_start: bool,
     started: Instant,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -350,6 +352,7 @@ impl ClickHouseSink {
                 client,
                 schema: cfg.schema.clone(),
                 request_timeout: cfg.request_timeout,
+                answered_at_start: schema_ready,
                 started: Instant::now(),
                 tasks: Mutex::new(Vec::new()),
             }),
@@ -497,6 +500,12 @@ impl ClickHouseSink {
     /// should keep to it too).
     pub fn request_timeout(&self) -> Duration {
         self.inner.request_timeout
+    }
+
+    /// Whether the server answered (and the schema was ready) when the writer started; if
+    /// not, a caller may skip further waits on it at start.
+    pub fn answered_at_start(&self) -> bool {
+        self.inner.answered_at_start
     }
 }
 
