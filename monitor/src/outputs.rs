@@ -219,13 +219,18 @@ impl Outputs {
     pub fn finish(&mut self) -> Result<serde_json::Value> {
         self.detector.flush_counts(&mut self.alerts);
         self.write(&mut Vec::new());
+        // Local files first: what follows waits on the network, and a stop cut short there
+        // (systemd's TimeoutStopSec, a pod's grace period) must not cost them.
+        let saved = self.save_files();
         let notify = self.notifier.take().map_or(serde_json::Value::Null, |n| {
             n.shutdown(Duration::from_secs(5))
         });
         let ch_stats = match self.store.take() {
             None => serde_json::Value::Null,
             Some(st) => {
-                // Everything sent, or spooled on disk for the next start: nothing is lost.
+                // Rows in hand go to the spool first, then it is sent until the first
+                // request that fails (each bounded by --clickhouse-timeout): what is not sent
+                // waits there for the next start, so being killed meanwhile loses nothing.
                 let sink = st.sink.clone();
                 if let Err(e) = st.rt.wait(async move { sink.shutdown().await }) {
                     warn!(error = %format!("{e:#}"), "ClickHouse shutdown");
@@ -233,6 +238,12 @@ impl Outputs {
                 serde_json::to_value(st.sink.stats()).unwrap_or_default()
             }
         };
+        saved?;
+        Ok(serde_json::json!({"notify": notify, "clickhouse": ch_stats}))
+    }
+
+    /// The state file and the learnt rules.
+    fn save_files(&self) -> Result<()> {
         if let Some(p) = &self.args.state_file {
             self.detector.save_state(p)?;
         }
@@ -251,7 +262,7 @@ impl Outputs {
                 .with_context(|| format!("writing {}", p.display()))?;
             info!(path = %p.display(), "learnt rules written");
         }
-        Ok(serde_json::json!({"notify": notify, "clickhouse": ch_stats}))
+        Ok(())
     }
 }
 

@@ -1224,3 +1224,76 @@ fn replay_against_a_server_that_never_answers_ends_in_bounded_time_and_spools() 
         0
     );
 }
+
+/// At exit the state file and the spool are written before the monitor waits on ClickHouse:
+/// killed while it waits on a server that never answers (a stop timeout running out), it has
+/// lost neither.
+#[test]
+fn exit_writes_state_and_spool_before_waiting_on_clickhouse() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let state = dir.path().join("state.json");
+    let log = common_log::write_log(
+        dir.path(),
+        "events.jsonl",
+        &(0..3)
+            .map(|i| common_log::request(i, "/shop/payments", "tok-exit", &format!("/e/{i}")))
+            .collect::<Vec<_>>(),
+    );
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_monitor"))
+        .args(["replay", "--events", &log, "--print", "none"])
+        .args([
+            "--clickhouse-url",
+            &hung_url(),
+            "--clickhouse-timeout",
+            "5s",
+        ])
+        .arg("--spool-dir")
+        .arg(&spool)
+        .arg("--state-file")
+        .arg(&state)
+        .arg("--key-file")
+        .arg(dir.path().join("key"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let flows_spooled = || {
+        std::fs::read_dir(&spool)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.contains(".flows.") && n.ends_with(".jsonl")
+            })
+    };
+    let t = Instant::now();
+    while !(state.exists() && flows_spooled()) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "exited before the state and the spool were seen"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "state or spool missing"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Still waiting on the server: killed, as at the end of a grace period.
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "no wait left to cut short"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let saved: Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    assert!(saved.is_object());
+    let text: String = std::fs::read_dir(&spool)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".flows."))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert_eq!(text.matches("\"/e/").count(), 3, "{text}");
+}

@@ -69,7 +69,7 @@ pub struct ClickHouseArgs {
     /// Longest wait for one request to ClickHouse (an INSERT, the schema migration, the
     /// bindings query); a server that takes the connection and never answers costs this, then
     /// the rows go to the spool.
-    #[arg(long = "clickhouse-timeout", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long = "clickhouse-timeout", default_value = "10s", value_parser = humantime::parse_duration)]
     pub clickhouse_timeout: Duration,
 }
 
@@ -173,7 +173,7 @@ impl SinkConfig {
             channel_capacity: 100_000,
             retry_min: Duration::from_millis(200),
             retry_max: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(10),
             compression: true,
             max_rejections: 10,
         }
