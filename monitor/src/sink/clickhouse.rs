@@ -528,8 +528,8 @@ impl SinkRuntime {
     /// Runs a future (a flush, a shutdown, a bindings load) on the writer's runtime and
     /// waits for its output. Unlike `Runtime::block_on` this may be called inside another
     /// runtime (the daemon's): the caller's thread only waits on a channel while the
-    /// writer's own worker runs the future, so nothing nests. Every request the writer makes
-    /// is bounded by its `request_timeout`, and so is the wait.
+    /// writer's own worker runs the future, so nothing nests. Never call it from that
+    /// worker (a future already on this runtime): await there instead.
     pub fn wait<F>(&self, f: F) -> F::Output
     where
         F: std::future::Future + Send + 'static,
