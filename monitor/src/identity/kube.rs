@@ -795,4 +795,12 @@ mod tests {
         );
         assert_eq!(encode("a b/c"), "a%20b%2Fc");
     }
+
+    /// `--kube-api` may carry a password: neither its log form nor `Debug` shows it.
+    #[test]
+    fn api_url_credentials_never_shown() {
+        let c = KubeConfig::new("https://monitor:s3cret@10.96.0.1:443/?token=s3cret", "n");
+        assert_eq!(c.api_for_logs(), "https://10.96.0.1:443");
+        assert!(!format!("{c:?}").contains("s3cret"), "{c:?}");
+    }
 }
