@@ -315,5 +315,4 @@ fn run_writes_records_and_alerts_to_clickhouse_through_an_outage_every_row_once(
         out.stderr
     );
     assert_eq!(out.events_lost(), 0);
-    drop(server_cg);
 }
