@@ -13,7 +13,9 @@ use crate::{
     task::{current_euid_egid, flow_of},
 };
 
-/// Bytes of one call copied at most; whatever lies past it is counted as truncated.
+/// Bytes of one call copied at most: the longest HTTP/1 head (and HTTP/2 header block) the
+/// parsers take, so that a head padded to push its credential far into the call is still
+/// copied whole. Whatever lies past it is counted as truncated.
 pub const MAX_CALL_BYTES: u64 = (MAX_CHUNKS as u64) * MAX_DATA as u64;
 
 /// The per-CPU record being built. `data` is twice what a record carries: a piece of a
