@@ -17,7 +17,7 @@ pub fn cgroup_selected() -> bool {
         return true;
     }
     let cg = unsafe { bpf_get_current_cgroup_id() };
-    unsafe { CGROUPS.get(&cg) }.is_some()
+    unsafe { CGROUPS.get(cg) }.is_some()
 }
 
 /// Calls whose data is not captured: the monitor's own, and other cgroups' than the selected.

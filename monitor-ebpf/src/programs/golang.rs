@@ -65,16 +65,16 @@ unsafe fn go_fd(c: u64) -> Option<i64> {
 unsafe fn go_conn(prog: u32, pid_tgid: u64, c: u64) -> Option<SslConn> {
     let key = ssl_key(pid_tgid, c);
     let fd = unsafe { go_fd(c) };
-    if let Some(conn) = unsafe { SSL_CONN.get(&key) } {
-        if fd.is_none_or(|fd| fd == conn.fd as i64) {
-            return Some(*conn);
-        }
+    if let Some(conn) = unsafe { SSL_CONN.get(key) }
+        && fd.is_none_or(|fd| fd == conn.fd as i64)
+    {
+        return Some(*conn);
     }
     let fd = fd?;
     let sk = unsafe { tcp_sock_of_fd(fd)? };
     unsafe {
         bind(prog, SOURCE_GO, pid_tgid, c, fd as i32, sk);
-        SSL_CONN.get(&key).copied()
+        SSL_CONN.get(key).copied()
     }
 }
 
@@ -142,7 +142,7 @@ unsafe fn on_go_read(ctx: &ProbeContext) -> Option<()> {
         is_read: 1,
         source: SOURCE_GO as u32,
     };
-    let _ = GO_READS.insert(&ssl_key(pid_tgid, g), &active, 0);
+    let _ = GO_READS.insert(ssl_key(pid_tgid, g), active, 0);
     unsafe { go_conn(PROG_GO_READ, pid_tgid, c) };
     Some(())
 }
@@ -163,8 +163,8 @@ unsafe fn on_go_read_ret(ctx: &ProbeContext) -> Option<()> {
     stat(PROG_GO_READ_RET, STAT_HITS);
     let r = GoRegs::of(ctx);
     let key = ssl_key(pid_tgid, r.g);
-    let a = unsafe { *GO_READS.get(&key)? };
-    let _ = GO_READS.remove(&key);
+    let a = unsafe { *GO_READS.get(key)? };
+    let _ = GO_READS.remove(key);
     let n = r.ax as i64;
     if n <= 0 {
         return None;
@@ -172,7 +172,7 @@ unsafe fn on_go_read_ret(ctx: &ProbeContext) -> Option<()> {
     let n = if n as u64 > a.len { a.len } else { n as u64 };
     unsafe {
         // Bound at entry; looked up again only if the entry lost it (closed, evicted).
-        let conn = match SSL_CONN.get(&ssl_key(pid_tgid, a.ssl)) {
+        let conn = match SSL_CONN.get(ssl_key(pid_tgid, a.ssl)) {
             Some(c) => Some(*c),
             None => go_conn(PROG_GO_READ_RET, pid_tgid, a.ssl),
         };

@@ -42,7 +42,7 @@ pub fn tls_call(dir: u8, source: u8, ssl: u64, conn: Option<&SslConn>) -> Call<'
 #[inline(always)]
 pub unsafe fn bind(prog: u32, source: u8, pid_tgid: u64, ssl: u64, fd: i32, sk: usize) {
     let key = ssl_key(pid_tgid, ssl);
-    let changed = match unsafe { SSL_CONN.get(&key) } {
+    let changed = match unsafe { SSL_CONN.get(key) } {
         Some(c) => c.sk != sk as u64 || c.fd != fd,
         None => true,
     };
@@ -67,7 +67,7 @@ pub unsafe fn bind(prog: u32, source: u8, pid_tgid: u64, ssl: u64, fd: i32, sk: 
         netns: ev.header.netns,
         flow: ev.header.flow,
     };
-    let _ = SSL_CONN.insert(&key, &conn, 0);
-    let _ = TLS_SOCKS.insert(&(sk as u64), &key, 0);
+    let _ = SSL_CONN.insert(key, conn, 0);
+    let _ = TLS_SOCKS.insert(sk as u64, key, 0);
     output(prog, ev, 0, Wake::Batched);
 }

@@ -67,16 +67,16 @@ unsafe fn on_ssl_write(ctx: &ProbeContext, ex: bool, source: u8) -> Option<()> {
         is_read: 0,
         source: source as u32,
     };
-    let _ = WRITES.insert(&pid_tgid, &a, 0);
-    let _ = WRITE_MARK.insert(&pid_tgid, &a, 0);
+    let _ = WRITES.insert(pid_tgid, a, 0);
+    let _ = WRITE_MARK.insert(pid_tgid, a, 0);
     if a.len == 0 || a.len > i32::MAX as u64 {
         return None;
     }
     let key = ssl_key(pid_tgid, a.ssl);
-    if unsafe { UNSENT.get(&key) }.is_some_and(|left| *left == a.len) {
+    if unsafe { UNSENT.get(key) }.is_some_and(|left| *left == a.len) {
         return None; // a retry: reported when first tried
     }
-    let conn = unsafe { SSL_CONN.get(&key) };
+    let conn = unsafe { SSL_CONN.get(key) };
     unsafe {
         let ev = begin(&tls_call(DIR_EGRESS, source, a.ssl, conn))?;
         let bytes = UserBytes::Buf {
@@ -99,18 +99,18 @@ pub fn ssl_write_ret(ctx: RetProbeContext) -> u32 {
 #[inline(always)]
 unsafe fn on_ssl_write_ret(ctx: &RetProbeContext) -> Option<()> {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let a = unsafe { *WRITES.get(&pid_tgid)? };
-    let _ = WRITES.remove(&pid_tgid);
+    let a = unsafe { *WRITES.get(pid_tgid)? };
+    let _ = WRITES.remove(pid_tgid);
     let key = ssl_key(pid_tgid, a.ssl);
     match unsafe { call_result(ctx, &a) } {
         Some(n) if n >= a.len => {
-            let _ = UNSENT.remove(&key);
+            let _ = UNSENT.remove(key);
         }
         Some(n) => {
-            let _ = UNSENT.insert(&key, &(a.len - n), 0);
+            let _ = UNSENT.insert(key, a.len - n, 0);
         }
         None => {
-            let _ = UNSENT.insert(&key, &a.len, 0);
+            let _ = UNSENT.insert(key, a.len, 0);
         }
     }
     Some(())
@@ -160,7 +160,7 @@ unsafe fn on_ssl_read(ctx: &ProbeContext, ex: bool, source: u8) -> Option<()> {
         is_read: 1,
         source: source as u32,
     };
-    let _ = ACTIVE.insert(&pid_tgid, &active, 0);
+    let _ = ACTIVE.insert(pid_tgid, active, 0);
     Some(())
 }
 
@@ -174,14 +174,14 @@ pub fn ssl_read_ret(ctx: RetProbeContext) -> u32 {
 #[inline(always)]
 unsafe fn on_ssl_read_ret(ctx: &RetProbeContext) -> Option<()> {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let a = unsafe { *ACTIVE.get(&pid_tgid)? };
-    let _ = ACTIVE.remove(&pid_tgid);
+    let a = unsafe { *ACTIVE.get(pid_tgid)? };
+    let _ = ACTIVE.remove(pid_tgid);
     if a.is_read == 0 {
         return None;
     }
     stat(PROG_SSL_READ_RET, STAT_HITS);
     let n = unsafe { call_result(ctx, &a)? };
-    let conn = unsafe { SSL_CONN.get(&ssl_key(pid_tgid, a.ssl)) };
+    let conn = unsafe { SSL_CONN.get(ssl_key(pid_tgid, a.ssl)) };
     unsafe {
         let ev = begin(&tls_call(DIR_INGRESS, a.source(), a.ssl, conn))?;
         let bytes = UserBytes::Buf {

@@ -67,17 +67,17 @@ unsafe fn first_bytes(shape: u32, arg: u64) -> [u8; 3] {
 #[inline(always)]
 unsafe fn nested_in_bound_ssl(pid_tgid: u64, fd: i64, reading: bool) -> bool {
     let a = if reading {
-        unsafe { ACTIVE.get(&pid_tgid) }
+        unsafe { ACTIVE.get(pid_tgid) }
     } else {
-        unsafe { WRITE_MARK.get(&pid_tgid) }
+        unsafe { WRITE_MARK.get(pid_tgid) }
     };
     let Some(a) = a else {
         return false;
     };
     let key = ssl_key(pid_tgid, a.ssl);
-    let bound = unsafe { SSL_CONN.get(&key) }.is_some_and(|c| c.fd as i64 == fd);
+    let bound = unsafe { SSL_CONN.get(key) }.is_some_and(|c| c.fd as i64 == fd);
     if bound && !reading {
-        let _ = WRITE_MARK.remove(&pid_tgid);
+        let _ = WRITE_MARK.remove(pid_tgid);
     }
     bound
 }
@@ -111,17 +111,17 @@ unsafe fn on_send(ctx: &TracePointContext, shape: u32) -> Option<()> {
             return None;
         }
         let sk = tcp_sock_of_fd(fd)?;
-        if let Some(m) = WRITE_MARK.get(&pid_tgid) {
+        if let Some(m) = WRITE_MARK.get(pid_tgid) {
             // Only a TLS record is the last SSL_write's ciphertext; other writes of the thread
             // (plaintext sockets, logs) leave the mark in place.
             if looks_like_tls_record(&first_bytes(shape, arg)) {
                 let (ssl, source) = (m.ssl, m.source());
-                let _ = WRITE_MARK.remove(&pid_tgid);
+                let _ = WRITE_MARK.remove(pid_tgid);
                 bind(PROG_SYS_WRITE, source, pid_tgid, ssl, fd as i32, sk);
                 return None;
             }
         }
-        if TLS_SOCKS.get(&(sk as u64)).is_some() {
+        if TLS_SOCKS.get(sk as u64).is_some() {
             return None;
         }
         if config!(capture_plaintext) == 0 {
@@ -149,11 +149,11 @@ unsafe fn on_recv_enter(ctx: &TracePointContext, shape: u32) -> Option<()> {
             return None;
         }
         let sk = tcp_sock_of_fd(fd)?;
-        if let Some(a) = ACTIVE.get(&pid_tgid) {
+        if let Some(a) = ACTIVE.get(pid_tgid) {
             bind(PROG_SYS_READ, a.source(), pid_tgid, a.ssl, fd as i32, sk);
             return None;
         }
-        if TLS_SOCKS.get(&(sk as u64)).is_some() {
+        if TLS_SOCKS.get(sk as u64).is_some() {
             return None;
         }
         if config!(capture_plaintext) == 0 {
@@ -166,7 +166,7 @@ unsafe fn on_recv_enter(ctx: &TracePointContext, shape: u32) -> Option<()> {
             fd: fd as i32,
             shape,
         };
-        let _ = READS.insert(&pid_tgid, &args, 0);
+        let _ = READS.insert(pid_tgid, args, 0);
     }
     Some(())
 }
@@ -174,8 +174,8 @@ unsafe fn on_recv_enter(ctx: &TracePointContext, shape: u32) -> Option<()> {
 #[inline(always)]
 unsafe fn on_recv_exit(ctx: &TracePointContext) -> Option<()> {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let args = unsafe { *READS.get(&pid_tgid)? };
-    let _ = READS.remove(&pid_tgid);
+    let args = unsafe { *READS.get(pid_tgid)? };
+    let _ = READS.remove(pid_tgid);
     stat(PROG_SYS_READ_RET, STAT_HITS);
     let ret: i64 = unsafe { ctx.read_at(16).ok()? };
     if ret <= 0 {
@@ -233,10 +233,10 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
             return 0;
         };
         stat(PROG_SYS_CLOSE, STAT_HITS);
-        if let Some(key) = TLS_SOCKS.get(&(sk as u64)) {
+        if let Some(key) = TLS_SOCKS.get(sk as u64) {
             let key = *key;
-            let _ = SSL_CONN.remove(&key);
-            let _ = TLS_SOCKS.remove(&(sk as u64));
+            let _ = SSL_CONN.remove(key);
+            let _ = TLS_SOCKS.remove(sk as u64);
         }
         let call = Call {
             kind: KIND_CLOSE,
