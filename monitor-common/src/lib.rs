@@ -99,7 +99,9 @@ pub struct EventHeader {
 
 pub const HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
 
-/// Per-CPU scratch space the kernel fills before copying `HEADER_LEN + len` bytes out.
+/// A record as the kernel sends it: the header, then `header.len` bytes of data and nothing
+/// more (the kernel's per-CPU scratch starts the same way and is sent `HEADER_LEN + len`
+/// bytes long).
 #[repr(C)]
 pub struct DataEvent {
     pub header: EventHeader,

@@ -168,6 +168,11 @@ fn both_sides_see(tls: bool, modes: &[&str]) {
         out.summary
     );
     assert_eq!(out.events_lost(), 0);
+    assert_eq!(
+        out.summary["decode_errors"],
+        json!(0),
+        "records the decoder refused"
+    );
 }
 
 #[test]
