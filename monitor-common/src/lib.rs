@@ -6,11 +6,14 @@
 
 /// Bytes of user data copied into one event. 4 KiB holds long JWTs and cookies.
 pub const MAX_DATA: usize = 4096;
-/// A single call (write, SSL_write, iovec segment) is copied in at most this many
-/// events of [`MAX_DATA`] bytes; anything past it is counted as truncated.
-pub const MAX_CHUNKS: u32 = 4;
-/// iovec segments looked at for writev/readv/sendmsg/recvmsg.
-pub const MAX_IOV: u32 = 4;
+/// A single call (write, SSL_write, the segments of a writev) is copied in at most this many
+/// events of [`MAX_DATA`] bytes: 64 KiB, the longest HTTP/1 head and HTTP/2 header block the
+/// parsers take, so that padding cannot push a credential past what is copied. Anything past
+/// it is counted as truncated.
+pub const MAX_CHUNKS: u32 = 16;
+/// iovec segments looked at for writev/readv/sendmsg/recvmsg; their bytes are packed into
+/// records one after another.
+pub const MAX_IOV: u32 = 32;
 
 /// Plaintext bytes of a connection, in call order.
 pub const KIND_DATA: u8 = 1;
@@ -36,7 +39,8 @@ pub const SOURCE_GNUTLS: u8 = 2;
 /// Go's `crypto/tls` (`(*Conn).Write` / `(*Conn).Read`).
 pub const SOURCE_GO: u8 = 3;
 
-/// The call copied more than `MAX_CHUNKS * MAX_DATA` bytes; the rest was not copied.
+/// Not every byte of the call is copied: it is longer than `MAX_CHUNKS * MAX_DATA` bytes, has
+/// more than `MAX_IOV` segments, or a read failed. Set on every record of the call.
 pub const FLAG_TRUNCATED: u8 = 1;
 /// The flow could not be read for this event (TLS data before its socket was seen).
 pub const FLAG_NO_FLOW: u8 = 2;
@@ -95,7 +99,9 @@ pub struct EventHeader {
 
 pub const HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
 
-/// Per-CPU scratch space the kernel fills before copying `HEADER_LEN + len` bytes out.
+/// A record as the kernel sends it: the header, then `header.len` bytes of data and nothing
+/// more (the kernel's per-CPU scratch starts the same way and is sent `HEADER_LEN + len`
+/// bytes long).
 #[repr(C)]
 pub struct DataEvent {
     pub header: EventHeader,

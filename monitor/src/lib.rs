@@ -8,6 +8,7 @@ pub mod detect;
 pub mod event;
 pub mod https;
 pub mod identity;
+pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod parse;

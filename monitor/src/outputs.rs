@@ -61,7 +61,8 @@ pub struct DetectArgs {
 }
 
 /// History in ClickHouse and bindings shared with the other nodes through it. The sink runs
-/// on its own runtime thread, so neither the capture loop nor replay waits on the server.
+/// on its own runtime thread, so neither the capture loop nor replay waits on the server;
+/// `run` (inside the daemon's runtime) and `replay` (synchronous) reach it the same way.
 struct Store {
     sink: ClickHouseSink,
     rt: SinkRuntime,
@@ -116,8 +117,17 @@ impl Outputs {
             None => None,
             Some(cfg) => {
                 let (sink, rt) = ClickHouseSink::start_dedicated(cfg)?;
-                let bindings = Arc::new(SharedBindings::new(&sink));
-                match rt.block_on(bindings.load_initial()) {
+                let bindings = SharedBindings::new(&sink);
+                let loading = bindings.clone();
+                // Each wait is bounded by --clickhouse-timeout; a server that did not answer
+                // the migration is not waited on twice. Live, the first refresh that gets
+                // through loads them all.
+                let loaded = if sink.answered_at_start() {
+                    rt.wait(async move { loading.load_initial().await })
+                } else {
+                    Err(anyhow::anyhow!("no answer at start"))
+                };
+                match loaded {
                     Ok(n) => info!(bindings = n, "bindings from all nodes loaded"),
                     Err(e) => {
                         warn!(error = %format!("{e:#}"), "ClickHouse not reachable: bindings of other nodes unknown until it is")
@@ -127,7 +137,7 @@ impl Outputs {
                     let _guard = rt.handle().enter();
                     bindings.spawn_refresh(Duration::from_secs(5));
                 }
-                detector = detector.with_shared(bindings);
+                detector = detector.with_shared(Arc::new(bindings));
                 detector.set_retention(Some(Duration::from_secs(
                     u64::from(args.clickhouse.clickhouse_ttl_days) * 86_400,
                 )));
@@ -219,24 +229,35 @@ impl Outputs {
     pub fn finish(&mut self) -> Result<serde_json::Value> {
         self.detector.flush_counts(&mut self.alerts);
         self.write(&mut Vec::new());
+        // Local files first: what follows waits on the network, and a stop cut short there
+        // (systemd's TimeoutStopSec, a pod's grace period) must not cost them.
+        let saved = self.save_files();
         let notify = self.notifier.take().map_or(serde_json::Value::Null, |n| {
             n.shutdown(Duration::from_secs(5))
         });
         let ch_stats = match self.store.take() {
             None => serde_json::Value::Null,
             Some(st) => {
-                // Everything sent, or spooled on disk for the next start: nothing is lost.
-                if let Err(e) = st.rt.block_on(st.sink.shutdown()) {
+                // Rows in hand go to the spool first, then it is sent until the first
+                // request that fails (each bounded by --clickhouse-timeout): what is not sent
+                // waits there for the next start, so being killed meanwhile loses nothing.
+                let sink = st.sink.clone();
+                if let Err(e) = st.rt.wait(async move { sink.shutdown().await }) {
                     warn!(error = %format!("{e:#}"), "ClickHouse shutdown");
                 }
                 serde_json::to_value(st.sink.stats()).unwrap_or_default()
             }
         };
+        saved?;
+        Ok(serde_json::json!({"notify": notify, "clickhouse": ch_stats}))
+    }
+
+    /// The state file and the learnt rules, each written whatever happened to the other.
+    fn save_files(&self) -> Result<()> {
         self.detector.finish(
             self.args.state_file.as_deref(),
             self.args.learn_out.as_deref(),
-        )?;
-        Ok(serde_json::json!({"notify": notify, "clickhouse": ch_stats}))
+        )
     }
 }
 

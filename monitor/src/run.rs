@@ -110,7 +110,7 @@ fn start_kube(args: &RunArgs, node: &str) -> Result<Option<std::sync::Arc<PodCac
         );
         return Ok(None);
     };
-    info!(api = %cfg.api, node, "resolving containers to pods through the Kubernetes API");
+    info!(api = %cfg.api_for_logs(), node, "resolving containers to pods through the Kubernetes API");
     let cache = PodCache::new();
     kube::spawn(cfg, cache.clone())?;
     Ok(Some(cache))

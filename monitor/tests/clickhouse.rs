@@ -121,7 +121,7 @@ fn config(url: &str, database: &str, spool: &Path) -> SinkConfig {
     c.batch_interval = Duration::from_millis(100);
     c.retry_min = Duration::from_millis(100);
     c.retry_max = Duration::from_millis(500);
-    c.insert_timeout = Duration::from_secs(10);
+    c.request_timeout = Duration::from_secs(10);
     c
 }
 
@@ -627,17 +627,19 @@ fn dedicated_runtime_for_synchronous_callers() {
     let (sink, rt) =
         ClickHouseSink::start_dedicated(config(&server.url(), "sync", spool.path())).unwrap();
     let bindings = SharedBindings::new(&sink);
-    assert_eq!(rt.block_on(bindings.load_initial()).unwrap(), 0);
+    let b = bindings.clone();
+    assert_eq!(rt.wait(async move { b.load_initial().await }).unwrap(), 0);
     let base = now_ns() - 3_600_000_000_000;
     for i in 0..N {
         sink.record(&plain(i, base + i * 1000), "node-1", "replay");
     }
     bindings.publish("fp-sync", "replay", "node-1", base);
-    rt.block_on(sink.shutdown()).unwrap();
+    let s2 = sink.clone();
+    rt.wait(async move { s2.shutdown().await }).unwrap();
     let s = sink.stats();
     assert_eq!((s.rows_written, s.dropped), (N + 1, 0), "{s:?}");
     let c = client(&server);
-    let n = rt.block_on(scalar(&c, "SELECT count() FROM sync.flows"));
+    let n = rt.wait(async move { scalar(&c, "SELECT count() FROM sync.flows").await });
     assert_eq!(n, N);
     drop(rt);
 }
@@ -1121,4 +1123,177 @@ fn token_first_seen_on_one_node_and_replayed_on_another_raises_token_replay() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&n.stdout).trim(), "1");
+}
+
+/// A server that takes every connection and never answers (nor closes).
+fn hung_url() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in l.incoming() {
+            held.push(c);
+        }
+    });
+    url
+}
+
+/// `monitor replay` against a ClickHouse that accepts and never answers: it finishes in
+/// bounded time (each request gives up after --clickhouse-timeout) with its rows in the spool,
+/// and never logs the URL's credentials even with the HTTP clients asked to trace. A later
+/// replay against a real server sends the spooled rows, once.
+#[test]
+fn replay_against_a_server_that_never_answers_ends_in_bounded_time_and_spools() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let log = common_log::write_log(
+        dir.path(),
+        "hung.jsonl",
+        &(0..5)
+            .map(|i| {
+                common_log::request(i, "/shop/payments", "tok-hung-canary", &format!("/h/{i}"))
+            })
+            .collect::<Vec<_>>(),
+    );
+    let replay = |url: &str, log: &str| {
+        let t = Instant::now();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_monitor"))
+            .args(["replay", "--events", log, "--print", "none", "--node", "n1"])
+            .args(["--clickhouse-url", url, "--clickhouse-database", "hung"])
+            .args(["--clickhouse-timeout", "1s"])
+            .arg("--spool-dir")
+            .arg(&spool)
+            .arg("--key-file")
+            .arg(dir.path().join("key"))
+            .env(
+                "MONITOR_LOG",
+                "debug,ureq=trace,hyper=trace,hyper_util=trace,clickhouse=trace",
+            )
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        (t.elapsed(), stderr)
+    };
+    let hung = hung_url().replace("http://", "http://monitor:pw-canary@") + "/?token=q-canary";
+    let (took, stderr) = replay(&hung, &log);
+    eprintln!("replay against a hung server took {took:?}");
+    // The migration at start and the final send, each bounded by 1 s (the bindings load is
+    // not tried against a server that did not answer the migration).
+    assert!(took < Duration::from_secs(10), "took {took:?}:\n{stderr}");
+    assert!(stderr.contains("no answer within"), "{stderr}");
+    for canary in ["tok-hung-canary", "pw-canary", "q-canary"] {
+        assert!(!stderr.contains(canary), "{canary} in the log:\n{stderr}");
+    }
+    let spooled: Vec<_> = std::fs::read_dir(&spool)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".jsonl"))
+        .collect();
+    assert!(
+        spooled.iter().any(|n| n.contains(".flows.")),
+        "flows wait in the spool: {spooled:?}"
+    );
+
+    // The server is back: an empty replay sends what waited, and only once.
+    let server = Server::start();
+    let empty = common_log::write_log(dir.path(), "empty.jsonl", &[]);
+    let (_, stderr) = replay(&server.url(), &empty);
+    assert!(!stderr.contains("tok-hung-canary"));
+    let n = std::process::Command::new("curl")
+        .args([
+            "-s",
+            &format!(
+                "{}/?query=SELECT+count(),uniqExact(path)+FROM+hung.flows+FORMAT+CSV",
+                server.url()
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&n.stdout).trim(), "5,5");
+    assert_eq!(
+        std::fs::read_dir(&spool)
+            .unwrap()
+            .filter(|e| e
+                .as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".jsonl"))
+            .count(),
+        0
+    );
+}
+
+/// At exit the state file and the spool are written before the monitor waits on ClickHouse:
+/// killed while it waits on a server that never answers (a stop timeout running out), it has
+/// lost neither.
+#[test]
+fn exit_writes_state_and_spool_before_waiting_on_clickhouse() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let state = dir.path().join("state.json");
+    let log = common_log::write_log(
+        dir.path(),
+        "events.jsonl",
+        &(0..3)
+            .map(|i| common_log::request(i, "/shop/payments", "tok-exit", &format!("/e/{i}")))
+            .collect::<Vec<_>>(),
+    );
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_monitor"))
+        .args(["replay", "--events", &log, "--print", "none"])
+        .args([
+            "--clickhouse-url",
+            &hung_url(),
+            "--clickhouse-timeout",
+            "5s",
+        ])
+        .arg("--spool-dir")
+        .arg(&spool)
+        .arg("--state-file")
+        .arg(&state)
+        .arg("--key-file")
+        .arg(dir.path().join("key"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let flows_spooled = || {
+        std::fs::read_dir(&spool)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.contains(".flows.") && n.ends_with(".jsonl")
+            })
+    };
+    let t = Instant::now();
+    while !(state.exists() && flows_spooled()) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "exited before the state and the spool were seen"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "state or spool missing"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Still waiting on the server: killed, as at the end of a grace period.
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "no wait left to cut short"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let saved: Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    assert!(saved.is_object());
+    let text: String = std::fs::read_dir(&spool)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".flows."))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert_eq!(text.matches("\"/e/").count(), 3, "{text}");
 }

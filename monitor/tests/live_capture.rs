@@ -103,6 +103,59 @@ fn one<'a>(out: &'a Output, side: &str, path: &str) -> &'a Value {
     found[0]
 }
 
+/// uid and gid come from the kernel at the call, not from /proc later: a client running as
+/// another user that exits right after its request still has them.
+#[test]
+fn short_lived_client_keeps_its_uid_and_gid() {
+    let _g = serial();
+    let s = setup();
+    let mon = Monitor::start(&[]);
+    let tok = token();
+    let mut argv: Vec<String> = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ]
+    .map(String::from)
+    .to_vec();
+    argv.extend(curl_args(
+        &s.lab,
+        &s.nginx,
+        &[bearer(&tok)],
+        &[],
+        "http://server.test/as-nobody",
+    ));
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    assert!(
+        s.client_cg
+            .spawn(&s.lab.client_ns, &argv)
+            .wait()
+            .unwrap()
+            .success(),
+        "curl as nobody failed"
+    );
+    let out = mon.stop();
+
+    let c = one(&out, "client", "/as-nobody");
+    assert_eq!(
+        (&c["uid"], &c["gid"]),
+        (&json!(65534), &json!(65534)),
+        "{c:#}"
+    );
+    // nginx's worker: whatever user it runs as, the record says the one the kernel saw.
+    let srv = one(&out, "server", "/as-nobody");
+    let worker = srv["pid"].as_u64().unwrap();
+    assert!(srv["uid"].is_u64() && srv["gid"].is_u64(), "{srv:#}");
+    let status = std::fs::read_to_string(format!("/proc/{worker}/status")).unwrap();
+    let euid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().nth(1))
+        .unwrap();
+    assert_eq!(srv["uid"].to_string(), euid);
+}
+
 #[test]
 fn tls_request_reports_client_process_cgroup_flow_and_fingerprint() {
     let _g = serial();

@@ -395,7 +395,7 @@ impl PodCache {
 // --- the API client ----------------------------------------------------------------------
 
 /// Where the API is and how to authenticate.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct KubeConfig {
     /// `https://10.96.0.1:443`, or `http://127.0.0.1:8001` (kubectl proxy, tests).
     pub api: String,
@@ -409,7 +409,24 @@ pub struct KubeConfig {
     pub backoff_max: Duration,
 }
 
+impl std::fmt::Debug for KubeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeConfig")
+            .field("api", &self.api_for_logs())
+            .field("token_file", &self.token_file)
+            .field("ca_file", &self.ca_file)
+            .field("node", &self.node)
+            .field("backoff_max", &self.backoff_max)
+            .finish()
+    }
+}
+
 impl KubeConfig {
+    /// The API's address fit for logs (`--kube-api` may carry a user and password).
+    pub fn api_for_logs(&self) -> String {
+        crate::https::url_for_logs(&self.api)
+    }
+
     pub fn new(api: &str, node: &str) -> KubeConfig {
         KubeConfig {
             api: api.trim_end_matches('/').to_string(),
@@ -669,7 +686,7 @@ impl Client {
                     // Once a minute at most: an unreachable API must not flood the log.
                     if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
                         warned = Some(Instant::now());
-                        warn!(api = %self.cfg.api, error = %format!("{e:#}"), pods_cached = self.cache.len(),
+                        warn!(api = %self.cfg.api_for_logs(), error = %format!("{e:#}"), pods_cached = self.cache.len(),
                             "Kubernetes API unreachable: serving cached pods, retrying");
                     } else {
                         debug!(error = %format!("{e:#}"), "Kubernetes API still unreachable");
@@ -777,5 +794,13 @@ mod tests {
             "http://127.0.0.1:8001/api/v1/pods?fieldSelector=spec.nodeName%3Dnode-1"
         );
         assert_eq!(encode("a b/c"), "a%20b%2Fc");
+    }
+
+    /// `--kube-api` may carry a password: neither its log form nor `Debug` shows it.
+    #[test]
+    fn api_url_credentials_never_shown() {
+        let c = KubeConfig::new("https://monitor:s3cret@10.96.0.1:443/?token=s3cret", "n");
+        assert_eq!(c.api_for_logs(), "https://10.96.0.1:443");
+        assert!(!format!("{c:?}").contains("s3cret"), "{c:?}");
     }
 }

@@ -2,11 +2,12 @@
 //! `PATH.K`, the oldest dropped), created 0640, flushed per batch by the caller.
 //!
 //! Errors never reach the pipeline: they are counted and logged (rate-limited), and the writer
-//! tries to reopen the file on the next batch.
+//! tries to reopen the file on the next batch. A line counts as written once the kernel took
+//! all of it; the lines of a batch a failed write did not get to count as errors.
 
 use std::{
     fs::{self, File, OpenOptions},
-    io::{self, BufWriter, Write},
+    io::{self, Write},
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -20,12 +21,12 @@ pub const FILE_MODE: u32 = 0o640;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FileStats {
-    /// Lines (alerts) written.
+    /// Lines (alerts) the kernel took whole.
     pub written: u64,
     /// Bytes in the current file.
     pub bytes: u64,
     pub rotations: u64,
-    /// Lines lost to an I/O error (disk full, file removed under us, ...).
+    /// Lines lost to an I/O error (disk full, file removed under us, ...), whole or in part.
     pub errors: u64,
 }
 
@@ -34,7 +35,10 @@ pub struct RotatingFile {
     /// 0: never rotate.
     max_bytes: u64,
     keep: usize,
-    out: Option<BufWriter<File>>,
+    out: Option<File>,
+    /// Lines since the last flush, each with its newline.
+    pending: Vec<u8>,
+    pending_lines: u64,
     stats: FileStats,
     last_warn: Option<Instant>,
 }
@@ -49,7 +53,9 @@ impl RotatingFile {
             path,
             max_bytes,
             keep,
-            out: Some(BufWriter::new(f)),
+            out: Some(f),
+            pending: Vec::new(),
+            pending_lines: 0,
             stats: FileStats {
                 bytes: size,
                 ..Default::default()
@@ -67,53 +73,59 @@ impl RotatingFile {
         rotated(&self.path, n)
     }
 
-    /// Appends one line (`line` without its newline). Rotates first when the line would take
-    /// the file past the limit (a file always holds at least one line, however long).
+    /// Appends one line (`line` without its newline), buffered until [`flush`](Self::flush).
+    /// Rotates first when the line would take the file past the limit (a file always holds
+    /// at least one line, however long).
     pub fn write_line(&mut self, line: &[u8]) {
         let len = line.len() as u64 + 1;
+        let size = self.stats.bytes + self.pending.len() as u64;
         if self.max_bytes > 0
-            && self.stats.bytes > 0
-            && self.stats.bytes + len > self.max_bytes
+            && size > 0
+            && size + len > self.max_bytes
             && let Err(e) = self.rotate()
         {
             self.warn("cannot rotate the alerts file", &e);
         }
-        if self.out.is_none() {
-            self.reopen();
-        }
-        let Some(out) = self.out.as_mut() else {
-            self.stats.errors += 1;
-            return;
-        };
-        match out.write_all(line).and_then(|()| out.write_all(b"\n")) {
-            Ok(()) => {
-                self.stats.written += 1;
-                self.stats.bytes += len;
-            }
-            Err(e) => {
-                self.stats.errors += 1;
-                self.out = None;
-                self.warn("cannot write the alerts file", &e);
-            }
+        self.pending.extend_from_slice(line);
+        self.pending.push(b'\n');
+        self.pending_lines += 1;
+        if self.pending.len() >= FLUSH_AT {
+            self.flush();
         }
     }
 
-    /// Flushes buffered lines to the kernel (call once per batch).
+    /// Writes the buffered lines to the kernel (call once per batch); counts each as written
+    /// or, past a failure, as an error.
     pub fn flush(&mut self) {
-        if let Some(out) = self.out.as_mut()
-            && let Err(e) = out.flush()
-        {
-            self.stats.errors += 1;
+        if self.pending_lines == 0 {
+            return;
+        }
+        if self.out.is_none() {
+            self.reopen();
+        }
+        let buf = std::mem::take(&mut self.pending);
+        let lines = std::mem::take(&mut self.pending_lines);
+        let Some(out) = self.out.as_mut() else {
+            // reopen() said why.
+            self.stats.errors += lines;
+            return;
+        };
+        let (sent, r) = write_counted(out, &buf);
+        let whole = buf[..sent].iter().filter(|&&b| b == b'\n').count() as u64;
+        self.stats.written += whole;
+        self.stats.bytes += sent as u64;
+        if let Err(e) = r {
+            self.stats.errors += lines - whole;
             self.out = None;
-            self.warn("cannot flush the alerts file", &e);
+            self.warn("cannot write the alerts file", &e);
         }
     }
 
     /// `PATH.K-1` → `PATH.K`, ..., `PATH` → `PATH.1`, then a fresh `PATH`.
     pub fn rotate(&mut self) -> io::Result<()> {
-        if let Some(mut out) = self.out.take() {
-            out.flush()?;
-        }
+        // What is buffered belongs to the file being rotated.
+        self.flush();
+        self.out = None;
         if self.keep == 0 {
             match fs::remove_file(&self.path) {
                 Ok(()) => {}
@@ -160,7 +172,7 @@ impl RotatingFile {
     fn reopen(&mut self) {
         match open_append(&self.path) {
             Ok((f, size)) => {
-                self.out = Some(BufWriter::new(f));
+                self.out = Some(f);
                 self.stats.bytes = size;
             }
             Err(e) => self.warn("cannot open the alerts file", &e),
@@ -181,10 +193,26 @@ impl RotatingFile {
 
 impl Drop for RotatingFile {
     fn drop(&mut self) {
-        if let Some(out) = self.out.as_mut() {
-            let _ = out.flush();
+        self.flush();
+    }
+}
+
+/// Buffered lines past this are written without waiting for the batch's flush.
+const FLUSH_AT: usize = 64 * 1024;
+
+/// `write_all` that says how far it got: the bytes the kernel took, and the error that
+/// stopped it, if any.
+fn write_counted(out: &mut impl Write, buf: &[u8]) -> (usize, io::Result<()>) {
+    let mut sent = 0;
+    while sent < buf.len() {
+        match out.write(&buf[sent..]) {
+            Ok(0) => return (sent, Err(io::ErrorKind::WriteZero.into())),
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return (sent, Err(e)),
         }
     }
+    (sent, Ok(()))
 }
 
 fn rotated(path: &Path, n: usize) -> PathBuf {
@@ -267,6 +295,59 @@ mod tests {
         f.flush();
         assert_eq!(lines(&p), vec!["another-long-line"]);
         assert!(!f.rotated_path(1).exists());
+    }
+
+    /// A disk that takes nothing: no line counts as written, each counts as an error.
+    #[test]
+    fn failed_writes_count_as_errors_not_written() {
+        let mut f = RotatingFile::open("/dev/full", 0, 0).unwrap();
+        for i in 0..3 {
+            f.write_line(format!("alert-{i}").as_bytes());
+        }
+        f.flush();
+        assert_eq!((f.stats().written, f.stats().errors), (0, 3));
+        // The next batch tries again (reopening), and fails the same way.
+        f.write_line(b"alert-3");
+        f.flush();
+        assert_eq!((f.stats().written, f.stats().errors), (0, 4));
+    }
+
+    /// A write the kernel takes in part: the lines it took whole are written, the rest errors.
+    #[test]
+    fn partial_write_counts_whole_lines_only() {
+        struct Takes(usize, Vec<u8>);
+        impl Write for Takes {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(io::ErrorKind::StorageFull.into());
+                }
+                let n = b.len().min(self.0).min(4);
+                self.0 -= n;
+                self.1.extend_from_slice(&b[..n]);
+                Ok(n)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut t = Takes(13, Vec::new());
+        let (sent, r) = write_counted(&mut t, b"aaaa\nbbbb\ncccc\n");
+        assert_eq!(sent, 13);
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::StorageFull);
+        assert_eq!(t.1, b"aaaa\nbbbb\nccc");
+    }
+
+    #[test]
+    fn counted_written_only_after_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a");
+        let mut f = RotatingFile::open(&p, 0, 3).unwrap();
+        f.write_line(b"one");
+        f.write_line(b"two");
+        assert_eq!(f.stats().written, 0);
+        f.flush();
+        assert_eq!((f.stats().written, f.stats().bytes), (2, 8));
+        assert_eq!(lines(&p), vec!["one", "two"]);
     }
 
     #[test]

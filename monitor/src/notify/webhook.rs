@@ -10,7 +10,7 @@
 //!   (a UUID stable across the retries of one alert occurrence, for de-duplication) and
 //!   `X-Monitor-Attempt`.
 //! - The secret and the URL's path, query and credentials (webhook URLs often embed tokens)
-//!   never reach a log line: only `scheme://host:port` does.
+//!   never reach a log line: only `scheme://host[:port]` does.
 
 use std::{
     fmt,
@@ -37,8 +37,8 @@ pub const TIMESTAMP_HEADER: &str = "X-Monitor-Timestamp";
 pub const DELIVERY_HEADER: &str = "X-Monitor-Delivery";
 pub const ATTEMPT_HEADER: &str = "X-Monitor-Attempt";
 
-/// A webhook URL (http or https). Its `Debug` and `Display` show only `scheme://host:port`:
-/// the path and query of a webhook often carry a token.
+/// A webhook URL (http or https). Its `Debug` and `Display` show only `scheme://host[:port]`
+/// ([`crate::https::url_for_logs`]): the path and query of a webhook often carry a token.
 #[derive(Clone, PartialEq, Eq)]
 pub struct WebhookUrl {
     url: String,
@@ -49,7 +49,7 @@ impl WebhookUrl {
     pub fn as_str(&self) -> &str {
         &self.url
     }
-    /// `scheme://host:port`, safe to log.
+    /// `scheme://host[:port]`, safe to log.
     pub fn redacted(&self) -> &str {
         &self.redacted
     }
@@ -65,15 +65,12 @@ impl FromStr for WebhookUrl {
         if scheme != "http" && scheme != "https" {
             return Err("the webhook URL must start with http:// or https://".into());
         }
-        let Some(host) = uri.host().filter(|h| !h.is_empty()) else {
+        if uri.host().is_none_or(str::is_empty) {
             return Err("the webhook URL has no host".into());
-        };
-        let port = uri
-            .port_u16()
-            .unwrap_or(if scheme == "https" { 443 } else { 80 });
+        }
         Ok(WebhookUrl {
             url: s.to_string(),
-            redacted: format!("{scheme}://{host}:{port}"),
+            redacted: crate::https::url_for_logs(s),
         })
     }
 }
@@ -512,7 +509,12 @@ mod tests {
         let u: WebhookUrl = "https://hooks.example.com/services/T000/B000/SECRETTOKEN?x=1"
             .parse()
             .unwrap();
-        assert_eq!(u.redacted(), "https://hooks.example.com:443");
+        assert_eq!(u.redacted(), "https://hooks.example.com");
+        assert!(!format!("{u:?} {u}").contains("SECRET"));
+        let u: WebhookUrl = "https://user:SECRET@hooks.example.com:8443/x"
+            .parse()
+            .unwrap();
+        assert_eq!(u.redacted(), "https://hooks.example.com:8443");
         assert!(!format!("{u:?} {u}").contains("SECRET"));
         assert!("ftp://x/".parse::<WebhookUrl>().is_err());
         assert!("not a url".parse::<WebhookUrl>().is_err());

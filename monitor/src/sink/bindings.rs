@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow};
 use clickhouse::{Client, Row};
 use serde::Deserialize;
 use tokio::task::JoinHandle;
@@ -56,6 +56,8 @@ struct Inner {
     map: RwLock<HashMap<String, RemoteBinding>>,
     client: Client,
     database: String,
+    /// Per query: a server that takes the connection and never answers fails the load.
+    timeout: Duration,
     sink: ClickHouseSink,
     /// µs of the newest `inserted_at` seen.
     watermark: Mutex<Option<i64>>,
@@ -77,6 +79,7 @@ impl SharedBindings {
                 map: RwLock::new(HashMap::new()),
                 client: sink.client().clone(),
                 database: sink.database().to_string(),
+                timeout: sink.request_timeout(),
                 sink: sink.clone(),
                 watermark: Mutex::new(None),
                 refreshes: AtomicU64::new(0),
@@ -168,13 +171,16 @@ impl SharedBindings {
              GROUP BY fingerprint",
             self.inner.database
         );
-        let rows: Vec<Loaded> = self
+        let query = self
             .inner
             .client
             .query_raw(&sql)
             .param("since", since_us.unwrap_or(0).max(0))
-            .fetch_all()
+            .fetch_all();
+        let rows: Vec<Loaded> = tokio::time::timeout(self.inner.timeout, query)
             .await
+            .map_err(|_| anyhow!("no answer within {:?}", self.inner.timeout))
+            .and_then(|r| r.map_err(anyhow::Error::from))
             .context("reading credential_bindings")?;
         let n = rows.len();
         let mut newest = None;

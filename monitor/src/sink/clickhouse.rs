@@ -35,7 +35,7 @@ use super::{
     schema::{self, SchemaConfig},
     spool::{Batch, Rows, Spool, Table},
 };
-use crate::{alert::Alert, pipeline::RequestRecord};
+use crate::{alert::Alert, https::url_for_logs, pipeline::RequestRecord};
 
 /// `monitor run` / `monitor replay` options for the ClickHouse history.
 #[derive(clap::Args, Clone)]
@@ -66,6 +66,11 @@ pub struct ClickHouseArgs {
     /// Bound of the spool; past it the oldest batches are shed (and counted).
     #[arg(long = "spool-max-mb", default_value_t = 1024)]
     pub spool_max_mb: u64,
+    /// Longest wait for one request to ClickHouse (an INSERT, the schema migration, the
+    /// bindings query); a server that takes the connection and never answers costs this, then
+    /// the rows go to the spool.
+    #[arg(long = "clickhouse-timeout", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub clickhouse_timeout: Duration,
 }
 
 impl fmt::Debug for ClickHouseArgs {
@@ -73,7 +78,7 @@ impl fmt::Debug for ClickHouseArgs {
         f.debug_struct("ClickHouseArgs")
             .field(
                 "clickhouse_url",
-                &self.clickhouse_url.as_deref().map(redact_url),
+                &self.clickhouse_url.as_deref().map(url_for_logs),
             )
             .field("clickhouse_user", &self.clickhouse_user)
             .field(
@@ -84,6 +89,7 @@ impl fmt::Debug for ClickHouseArgs {
             .field("clickhouse_ttl_days", &self.clickhouse_ttl_days)
             .field("spool_dir", &self.spool_dir)
             .field("spool_max_mb", &self.spool_max_mb)
+            .field("clickhouse_timeout", &self.clickhouse_timeout)
             .finish()
     }
 }
@@ -102,22 +108,9 @@ impl ClickHouseArgs {
             },
             spool_dir: self.spool_dir.clone(),
             spool_max_bytes: self.spool_max_mb.saturating_mul(1 << 20),
+            request_timeout: self.clickhouse_timeout,
             ..SinkConfig::new("")
         })
-    }
-}
-
-/// A URL fit for logs: user and password (`http://user:secret@host`) and the query string
-/// (`?password=`) left out.
-pub fn redact_url(url: &str) -> String {
-    let url = url.split(['?', '#']).next().unwrap_or(url);
-    match url.split_once("://") {
-        Some((scheme, rest)) => {
-            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-            let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-            format!("{scheme}://{host}{path}")
-        }
-        None => url.to_string(),
     }
 }
 
@@ -140,8 +133,10 @@ pub struct SinkConfig {
     /// Backoff between attempts while ClickHouse is unreachable.
     pub retry_min: Duration,
     pub retry_max: Duration,
-    /// Per INSERT (sending and waiting for the answer).
-    pub insert_timeout: Duration,
+    /// Per request to the server, from connecting to the last byte of the answer: an INSERT
+    /// (with the table metadata the client asks for first), a schema migration, a bindings
+    /// query.
+    pub request_timeout: Duration,
     /// lz4 on the wire.
     pub compression: bool,
     /// Times the server may refuse a spooled batch (while taking others) before it is set
@@ -152,7 +147,7 @@ pub struct SinkConfig {
 impl fmt::Debug for SinkConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SinkConfig")
-            .field("url", &redact_url(&self.url))
+            .field("url", &url_for_logs(&self.url))
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<hidden>"))
             .field("schema", &self.schema)
@@ -178,7 +173,7 @@ impl SinkConfig {
             channel_capacity: 100_000,
             retry_min: Duration::from_millis(200),
             retry_max: Duration::from_secs(10),
-            insert_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(10),
             compression: true,
             max_rejections: 10,
         }
@@ -212,7 +207,8 @@ pub struct SinkStats {
     pub errors: u64,
     /// Rows dropped because the writer's channel was full (or the writer stopped).
     pub dropped: u64,
-    /// Batches (and their rows) written to the spool.
+    /// Batches (and their rows) written to the spool (not those shed at once for being
+    /// larger than the whole spool: they count as shed).
     pub spooled_batches: u64,
     pub spooled_rows: u64,
     /// Batches (and rows) shed by the spool's bound, or lost to a spool write error.
@@ -255,7 +251,12 @@ enum Msg {
     Request(FlowRow, Vec<ObservationRow>),
     Alert(Box<AlertRow>),
     Binding(BindingRow),
-    Flush(oneshot::Sender<Result<(), String>>),
+    /// `durable`: the rows in hand go to the spool before anything is sent, so that they are
+    /// on disk before the caller waits on the network (a shutdown that may be cut short).
+    Flush {
+        reply: oneshot::Sender<Result<(), String>>,
+        durable: bool,
+    },
     Stop,
 }
 
@@ -273,6 +274,9 @@ struct Inner {
     spool: Arc<Mutex<Spool>>,
     client: Client,
     schema: SchemaConfig,
+    request_timeout: Duration,
+    /// The schema migration at start got its answers.
+    answered_at_start: bool,
     started: Instant,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -293,17 +297,17 @@ impl ClickHouseSink {
         let client = cfg.client();
         let counters = Arc::new(Counters::default());
         let migrated =
-            tokio::time::timeout(cfg.insert_timeout, schema::migrate(&client, &cfg.schema))
+            tokio::time::timeout(cfg.request_timeout, schema::migrate(&client, &cfg.schema))
                 .await
-                .unwrap_or_else(|_| Err(anyhow!("no answer within {:?}", cfg.insert_timeout)));
+                .unwrap_or_else(|_| Err(anyhow!("no answer within {:?}", cfg.request_timeout)));
         let schema_ready = match migrated {
             Ok(r) => {
-                tracing::info!(url = %redact_url(&cfg.url), database = %cfg.schema.database, from = r.from, to = r.to, "ClickHouse schema ready");
+                tracing::info!(url = %url_for_logs(&cfg.url), database = %cfg.schema.database, from = r.from, to = r.to, "ClickHouse schema ready");
                 true
             }
             Err(e) => {
                 counters.errors.fetch_add(1, Relaxed);
-                tracing::warn!(url = %redact_url(&cfg.url), "ClickHouse not ready, rows go to the spool until it is: {e:#}");
+                tracing::warn!(url = %url_for_logs(&cfg.url), "ClickHouse not ready, rows go to the spool until it is: {e:#}");
                 false
             }
         };
@@ -335,7 +339,7 @@ impl ClickHouseSink {
             retry_min: cfg.retry_min,
             retry_max: cfg.retry_max,
             retry_at: None,
-            timeout: cfg.insert_timeout,
+            timeout: cfg.request_timeout,
             max_rejections: cfg.max_rejections,
             rejections: Default::default(),
             last_error: String::new(),
@@ -347,6 +351,8 @@ impl ClickHouseSink {
                 spool,
                 client,
                 schema: cfg.schema.clone(),
+                request_timeout: cfg.request_timeout,
+                answered_at_start: schema_ready,
                 started: Instant::now(),
                 tasks: Mutex::new(Vec::new()),
             }),
@@ -359,17 +365,15 @@ impl ClickHouseSink {
         Ok(sink)
     }
 
-    /// Like [`ClickHouseSink::start`], with the writer on a thread and runtime of its own:
-    /// for synchronous callers (`monitor replay`) and for loops that seldom yield. Await or
-    /// [`SinkRuntime::block_on`] `flush`/`shutdown` and the bindings' loads as usual.
+    /// Like [`ClickHouseSink::start`], with the writer on a runtime of its own (one worker
+    /// thread), so that neither the daemon's capture loop nor a replay ever waits on the
+    /// server. Callable alike from synchronous code (`monitor replay`) and from inside
+    /// another runtime (`monitor run`): both take this one path. Wait for `flush`,
+    /// `shutdown` and the bindings' loads with [`SinkRuntime::wait`].
     pub fn start_dedicated(cfg: SinkConfig) -> Result<(ClickHouseSink, SinkRuntime)> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("clickhouse-sink")
-            .enable_all()
-            .build()?;
-        let sink = rt.block_on(ClickHouseSink::start(cfg))?;
-        Ok((sink, SinkRuntime { rt: Some(rt) }))
+        let rt = SinkRuntime::new()?;
+        let sink = rt.wait(ClickHouseSink::start(cfg))?;
+        Ok((sink, rt))
     }
 
     fn offer(&self, m: Msg, rows: u64) {
@@ -412,10 +416,14 @@ impl ClickHouseSink {
     /// Sends everything queued so far, the spool included. `Err` if some of it is still
     /// waiting in the spool (ClickHouse unreachable or refusing): nothing is lost by that.
     pub async fn flush(&self) -> Result<()> {
-        let (tx, rx) = oneshot::channel();
+        self.flush_with(false).await
+    }
+
+    async fn flush_with(&self, durable: bool) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
         self.inner
             .tx
-            .send(Msg::Flush(tx))
+            .send(Msg::Flush { reply, durable })
             .await
             .map_err(|_| anyhow!("ClickHouse writer has stopped"))?;
         let r = rx
@@ -425,10 +433,11 @@ impl ClickHouseSink {
         r.map_err(|e| anyhow!(e))
     }
 
-    /// Flushes, then stops the writer. What could not be sent stays in the spool for the
-    /// next start.
+    /// Writes the rows in hand to the spool, sends the spool, then stops the writer. What
+    /// could not be sent stays in the spool for the next start; none of it waits in memory
+    /// on a slow server, so being killed mid-shutdown loses nothing.
     pub async fn shutdown(&self) -> Result<()> {
-        let r = self.flush().await;
+        let r = self.flush_with(true).await;
         let _ = self.inner.tx.send(Msg::Stop).await;
         let tasks: Vec<_> = std::mem::take(&mut *self.inner.tasks.lock().expect("tasks"));
         for t in tasks {
@@ -486,6 +495,18 @@ impl ClickHouseSink {
     pub fn database(&self) -> &str {
         &self.inner.schema.database
     }
+
+    /// The bound of one request to the server (queries made with [`ClickHouseSink::client`]
+    /// should keep to it too).
+    pub fn request_timeout(&self) -> Duration {
+        self.inner.request_timeout
+    }
+
+    /// Whether the server answered (and the schema was ready) when the writer started; if
+    /// not, a caller may skip further waits on it at start.
+    pub fn answered_at_start(&self) -> bool {
+        self.inner.answered_at_start
+    }
 }
 
 /// The runtime of a writer started by [`ClickHouseSink::start_dedicated`]; dropping it stops
@@ -495,10 +516,31 @@ pub struct SinkRuntime {
 }
 
 impl SinkRuntime {
-    /// Runs a future (a flush, a bindings load) to completion from synchronous code; not
-    /// inside another runtime: there, await it.
-    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.rt.as_ref().expect("runtime").block_on(f)
+    fn new() -> Result<SinkRuntime> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("clickhouse-sink")
+            .enable_all()
+            .build()?;
+        Ok(SinkRuntime { rt: Some(rt) })
+    }
+
+    /// Runs a future (a flush, a shutdown, a bindings load) on the writer's runtime and
+    /// waits for its output. Unlike `Runtime::block_on` this may be called inside another
+    /// runtime (the daemon's): the caller's thread only waits on a channel while the
+    /// writer's own worker runs the future, so nothing nests. Never call it from that
+    /// worker (a future already on this runtime): await there instead.
+    pub fn wait<F>(&self, f: F) -> F::Output
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.handle().spawn(async move {
+            let _ = tx.send(f.await);
+        });
+        rx.recv()
+            .unwrap_or_else(|_| panic!("a task on the ClickHouse writer's runtime panicked"))
     }
 
     pub fn handle(&self) -> &tokio::runtime::Handle {
@@ -519,11 +561,14 @@ fn spool_batch(spool: &Mutex<Spool>, counters: &Counters, b: &Batch) {
     let mut s = spool.lock().expect("spool");
     let n = b.rows.len() as u64;
     match s.push(b) {
-        Ok(shed) => {
-            counters.spooled_batches.fetch_add(1, Relaxed);
-            counters.spooled_rows.fetch_add(n, Relaxed);
-            counters.shed_batches.fetch_add(shed.batches, Relaxed);
-            counters.shed_rows.fetch_add(shed.rows, Relaxed);
+        Ok(p) => {
+            // A batch larger than the whole spool is shed, not spooled.
+            if p.stored {
+                counters.spooled_batches.fetch_add(1, Relaxed);
+                counters.spooled_rows.fetch_add(n, Relaxed);
+            }
+            counters.shed_batches.fetch_add(p.shed.batches, Relaxed);
+            counters.shed_rows.fetch_add(p.shed.rows, Relaxed);
         }
         Err(e) => {
             counters.shed_batches.fetch_add(1, Relaxed);
@@ -563,12 +608,12 @@ impl Batcher {
                 _ = tick.tick() => self.seal_all().await,
             }
         }
-        // Rows queued before the channel closed are still sent (or spooled).
+        // Rows queued after the last flush wait in the spool for the next start.
         self.rx.close();
         while let Ok(m) = self.rx.try_recv() {
             self.handle(m).await;
         }
-        self.seal_all().await;
+        self.spool_all();
     }
 
     async fn handle(&mut self, m: Msg) {
@@ -595,8 +640,12 @@ impl Batcher {
                     self.seal(Table::CredentialBindings).await;
                 }
             }
-            Msg::Flush(reply) => {
-                self.seal_all().await;
+            Msg::Flush { reply, durable } => {
+                if durable {
+                    self.spool_all();
+                } else {
+                    self.seal_all().await;
+                }
                 if let Err(e) = self.sealed.send(Sealed::Flush(reply)).await
                     && let Sealed::Flush(reply) = e.0
                 {
@@ -613,15 +662,29 @@ impl Batcher {
         }
     }
 
-    async fn seal(&mut self, t: Table) {
-        let rows = match t {
+    /// Every table's rows in hand, straight to the spool.
+    fn spool_all(&mut self) {
+        for t in Table::ALL {
+            let rows = self.take(t);
+            if !rows.is_empty() {
+                spool_batch(&self.spool, &self.counters, &Batch::new(rows));
+            }
+        }
+    }
+
+    fn take(&mut self, t: Table) -> Rows {
+        match t {
             Table::Flows => Rows::Flows(std::mem::take(&mut self.flows)),
             Table::CredentialObservations => {
                 Rows::Observations(std::mem::take(&mut self.observations))
             }
             Table::Alerts => Rows::Alerts(std::mem::take(&mut self.alerts)),
             Table::CredentialBindings => Rows::Bindings(std::mem::take(&mut self.bindings)),
-        };
+        }
+    }
+
+    async fn seal(&mut self, t: Table) {
+        let rows = self.take(t);
         if rows.is_empty() {
             return;
         }
@@ -668,6 +731,8 @@ fn is_rejection(e: &clickhouse::error::Error) -> bool {
     )
 }
 
+/// One INSERT, bounded as a whole: the client's own timeouts cover sending and the answer,
+/// not the table metadata it fetches first.
 async fn insert<T>(
     client: &Client,
     table: &str,
@@ -678,16 +743,21 @@ async fn insert<T>(
 where
     T: RowOwned + RowWrite,
 {
-    let mut ins = client
-        .insert::<T>(table)
-        .await?
-        .with_setting("insert_deduplicate", "1")
-        .with_setting("insert_deduplication_token", token)
-        .with_timeouts(Some(timeout), Some(timeout));
-    for r in rows {
-        ins.write(r).await?;
-    }
-    ins.end().await
+    let run = async {
+        let mut ins = client
+            .insert::<T>(table)
+            .await?
+            .with_setting("insert_deduplicate", "1")
+            .with_setting("insert_deduplication_token", token)
+            .with_timeouts(Some(timeout), Some(timeout));
+        for r in rows {
+            ins.write(r).await?;
+        }
+        ins.end().await
+    };
+    tokio::time::timeout(timeout, run)
+        .await
+        .unwrap_or(Err(clickhouse::error::Error::TimedOut))
 }
 
 impl Sender {
@@ -880,20 +950,158 @@ mod tests {
     use super::*;
     use clap::Parser;
 
+    /// A port nothing listens on: connections are refused at once.
+    fn dead_url() -> String {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        format!("http://127.0.0.1:{port}")
+    }
+
+    /// A server that takes every connection and never answers (nor closes).
+    fn hung_url() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for c in l.incoming() {
+                held.push(c);
+            }
+        });
+        url
+    }
+
+    fn config(url: &str, spool: &std::path::Path) -> SinkConfig {
+        let mut c = SinkConfig::new(url);
+        c.spool_dir = spool.to_path_buf();
+        c.batch_interval = Duration::from_millis(50);
+        c.retry_min = Duration::from_millis(50);
+        c.retry_max = Duration::from_millis(100);
+        c.request_timeout = Duration::from_millis(300);
+        c
+    }
+
+    fn binding(fp: &str) -> BindingRow {
+        BindingRow {
+            fingerprint: fp.into(),
+            workload: "w".into(),
+            node: "n".into(),
+            first_seen: 1,
+        }
+    }
+
+    fn spool_files(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".jsonl")
+            })
+            .count()
+    }
+
+    /// `monitor run` starts its outputs inside its own (current-thread) runtime: starting the
+    /// writer, loading bindings, shutting down and dropping the runtime must all work there
+    /// (they panicked with "Cannot start a runtime from within a runtime").
+    #[tokio::test(flavor = "current_thread")]
+    async fn dedicated_writer_starts_and_stops_inside_another_runtime() {
+        let spool = tempfile::tempdir().unwrap();
+        let (sink, rt) = ClickHouseSink::start_dedicated(config(&dead_url(), spool.path()))
+            .expect("started inside a runtime");
+        let bindings = super::super::SharedBindings::new(&sink);
+        let b = bindings.clone();
+        assert!(rt.wait(async move { b.load_initial().await }).is_err());
+        for i in 0..3 {
+            sink.binding(binding(&format!("fp-{i}")));
+        }
+        let s2 = sink.clone();
+        let r = rt.wait(async move { s2.shutdown().await });
+        assert!(r.is_err(), "nothing reached a server");
+        let s = sink.stats();
+        assert_eq!((s.spool_rows, s.dropped, s.shed_rows), (3, 0, 0), "{s:?}");
+        assert!(spool_files(spool.path()) > 0);
+        drop(rt);
+    }
+
+    /// A server that accepts and never answers: the start, the bindings load and the
+    /// shutdown each give up after the request timeout, and the rows wait in the spool.
+    #[test]
+    fn server_that_never_answers_costs_bounded_time_and_spools() {
+        let spool = tempfile::tempdir().unwrap();
+        let t = Instant::now();
+        let (sink, rt) =
+            ClickHouseSink::start_dedicated(config(&hung_url(), spool.path())).unwrap();
+        let bindings = super::super::SharedBindings::new(&sink);
+        let b = bindings.clone();
+        let e = rt.wait(async move { b.load_initial().await }).unwrap_err();
+        assert!(format!("{e:#}").contains("no answer within"), "{e:#}");
+        sink.binding(binding("fp-hung"));
+        let s2 = sink.clone();
+        assert!(rt.wait(async move { s2.shutdown().await }).is_err());
+        let took = t.elapsed();
+        assert!(took < Duration::from_secs(5), "took {took:?}");
+        let s = sink.stats();
+        assert_eq!(
+            (s.spool_rows, s.rows_written, s.dropped),
+            (1, 0, 0),
+            "{s:?}"
+        );
+        assert!(s.errors >= 2, "{s:?}");
+        assert_eq!(spool_files(spool.path()), 1);
+    }
+
+    /// At shutdown the rows in hand reach the disk before the writer waits on the server: a
+    /// shutdown cut short (SIGKILL after a grace period) loses none of them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_spools_rows_before_waiting_on_the_server() {
+        let spool = tempfile::tempdir().unwrap();
+        let mut cfg = config(&hung_url(), spool.path());
+        cfg.request_timeout = Duration::from_secs(2);
+        // Only the shutdown seals.
+        cfg.batch_interval = Duration::from_secs(3600);
+        let sink = ClickHouseSink::start(cfg).await.unwrap();
+        sink.binding(binding("fp-1"));
+        let s2 = sink.clone();
+        let t = Instant::now();
+        let stopping = tokio::spawn(async move { s2.shutdown().await });
+        while spool_files(spool.path()) == 0 {
+            assert!(t.elapsed() < Duration::from_secs(1), "not spooled at once");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            !stopping.is_finished(),
+            "the shutdown still waits on the server"
+        );
+        assert!(stopping.await.unwrap().is_err());
+        let s = sink.stats();
+        assert_eq!((s.spool_rows, s.rows_written), (1, 0), "{s:?}");
+    }
+
+    /// A batch larger than the whole spool is shed: counted as shed, not as spooled.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batch_shed_by_the_bound_is_not_counted_spooled() {
+        let spool = tempfile::tempdir().unwrap();
+        let mut cfg = config(&dead_url(), spool.path());
+        cfg.spool_max_bytes = 200;
+        let sink = ClickHouseSink::start(cfg).await.unwrap();
+        sink.binding(binding(&"x".repeat(500)));
+        // Nothing waits in the spool afterwards: the flush has nothing left to report.
+        let _ = sink.shutdown().await;
+        let s = sink.stats();
+        assert_eq!((s.spooled_batches, s.spooled_rows), (0, 0), "{s:?}");
+        assert_eq!((s.shed_batches, s.shed_rows), (1, 1), "{s:?}");
+        assert_eq!(spool_files(spool.path()), 0);
+    }
+
     #[derive(Parser)]
     struct Cli {
         #[command(flatten)]
         ch: ClickHouseArgs,
-    }
-
-    #[test]
-    fn urls_redacted() {
-        assert_eq!(
-            redact_url("https://u:s3cret@ch.example:8443/x?password=s3cret"),
-            "https://ch.example:8443/x"
-        );
-        assert_eq!(redact_url("http://127.0.0.1:8123"), "http://127.0.0.1:8123");
-        assert_eq!(redact_url("ch:8123"), "ch:8123");
     }
 
     #[test]
@@ -906,6 +1114,8 @@ mod tests {
             "s3cret",
             "--spool-max-mb",
             "2",
+            "--clickhouse-timeout",
+            "5s",
         ]);
         let with_userinfo = Cli::parse_from(["x", "--clickhouse-url", "http://u:s3cret@h:8123"]);
         assert!(!format!("{:?}", with_userinfo.ch).contains("s3cret"));
@@ -914,6 +1124,7 @@ mod tests {
         let cfg = cli.ch.sink_config().unwrap();
         assert!(!format!("{cfg:?}").contains("s3cret"));
         assert_eq!(cfg.spool_max_bytes, 2 << 20);
+        assert_eq!(cfg.request_timeout, Duration::from_secs(5));
         assert_eq!(cfg.schema.database, "monitor");
         assert_eq!(cfg.schema.ttl_days, 30);
         assert_eq!(cfg.spool_dir, PathBuf::from("/var/lib/monitor/spool"));

@@ -143,6 +143,21 @@ pub struct Shed {
     pub rows: u64,
 }
 
+/// What became of a pushed batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pushed {
+    /// The batch is on disk; false when it alone is larger than the spool's bound (then it
+    /// is counted in `shed`).
+    pub stored: bool,
+    pub shed: Shed,
+}
+
+impl Pushed {
+    fn stored(shed: Shed) -> Pushed {
+        Pushed { stored: true, shed }
+    }
+}
+
 pub struct Spool {
     dir: PathBuf,
     max_bytes: u64,
@@ -289,7 +304,7 @@ impl Spool {
 
     /// Writes a batch durably, shedding the oldest batches if the spool would outgrow its
     /// bound (or the new one, if it alone is larger than the bound).
-    pub fn push(&mut self, batch: &Batch) -> Result<Shed> {
+    pub fn push(&mut self, batch: &Batch) -> Result<Pushed> {
         let data = Self::encode(batch)?;
         let len = data.len() as u64;
         let mut shed = Shed::default();
@@ -303,7 +318,10 @@ impl Spool {
                 table = batch.table().name(),
                 "spool: batch larger than the whole spool, shed"
             );
-            return Ok(shed);
+            return Ok(Pushed {
+                stored: false,
+                shed,
+            });
         }
         while self.bytes + len > self.max_bytes {
             let Some(pos) = self
@@ -363,7 +381,7 @@ impl Spool {
             bytes: len,
             path,
         });
-        Ok(shed)
+        Ok(Pushed::stored(shed))
     }
 
     /// Reads a spooled batch back.
@@ -443,8 +461,8 @@ mod tests {
         let mut s = Spool::open(d.path(), 1 << 20).unwrap();
         let a = bindings(3, "a");
         let b = bindings(2, "b");
-        assert_eq!(s.push(&a).unwrap(), Shed::default());
-        assert_eq!(s.push(&b).unwrap(), Shed::default());
+        assert_eq!(s.push(&a).unwrap(), Pushed::stored(Shed::default()));
+        assert_eq!(s.push(&b).unwrap(), Pushed::stored(Shed::default()));
         assert_eq!(s.depth().0, 2);
         assert_eq!(s.depth().1, 5);
         drop(s);
@@ -472,17 +490,20 @@ mod tests {
         let one = Spool::encode(&bindings(10, "x")).unwrap().len() as u64;
         let mut s = Spool::open(d.path(), one * 3).unwrap();
         for t in ["a", "b", "c"] {
-            assert_eq!(s.push(&bindings(10, t)).unwrap(), Shed::default());
+            assert_eq!(
+                s.push(&bindings(10, t)).unwrap(),
+                Pushed::stored(Shed::default())
+            );
         }
         let first = s.oldest().unwrap().seq;
         s.set_in_flight(Some(first));
-        let shed = s.push(&bindings(10, "d")).unwrap();
+        let p = s.push(&bindings(10, "d")).unwrap();
         assert_eq!(
-            shed,
-            Shed {
+            p,
+            Pushed::stored(Shed {
                 batches: 1,
                 rows: 10
-            }
+            })
         );
         // The in-flight one (a) stays, b went.
         let left: Vec<_> = s.entries.iter().map(|e| s.load(e).unwrap()).collect();
@@ -495,12 +516,15 @@ mod tests {
             .collect();
         assert_eq!(tags, ["a-0", "c-0", "d-0"]);
         // Larger than the whole spool: the new batch itself is shed.
-        let shed = s.push(&bindings(100, "big")).unwrap();
+        let p = s.push(&bindings(100, "big")).unwrap();
         assert_eq!(
-            shed,
-            Shed {
-                batches: 1,
-                rows: 100
+            p,
+            Pushed {
+                stored: false,
+                shed: Shed {
+                    batches: 1,
+                    rows: 100
+                }
             }
         );
         assert_eq!(s.depth().0, 3);
