@@ -479,10 +479,6 @@ impl Detector {
         self.graph.to_rules(&self.rules.source, &bindings)
     }
 
-    pub fn save_state(&self, path: &std::path::Path) -> anyhow::Result<()> {
-        self.state.save(path)
-    }
-
     /// At exit: says how many requests were expired on arrival, then saves the state and the
     /// learnt rules. Each is attempted whatever happened to the other; every failure is
     /// logged and the first is returned.
