@@ -1118,6 +1118,32 @@ unsafe fn on_go_read_ret(ctx: &ProbeContext) -> Option<()> {
     Some(())
 }
 
+// ===================================================================================
+// BEGIN probe sites (helper "sites"): returns without uretprobes. Userspace proves from the
+// instruction stream that an emulated instruction right after the call to the library's
+// inner `_ex`-shaped function (e.g. the `jle` after `call ssl_read_internal` in `SSL_read`)
+// sees that call's result in RAX with its frame (and so the out-parameter) still live; the
+// entry was taken at that call by `ssl_write_ex`/`ssl_read_ex`. Same bodies as the
+// uretprobes: pt_regs at the site hold what they would read at the return.
+// ===================================================================================
+
+/// After the inner write call in `SSL_write` (a uprobe on an emulated instruction).
+#[uprobe]
+pub fn ssl_write_ret_site(ctx: ProbeContext) -> u32 {
+    unsafe { on_ssl_write_ret(&RetProbeContext { regs: ctx.regs }) };
+    0
+}
+
+/// After the inner read call in `SSL_read` (a uprobe on an emulated instruction).
+#[uprobe]
+pub fn ssl_read_ret_site(ctx: ProbeContext) -> u32 {
+    unsafe { on_ssl_read_ret(&RetProbeContext { regs: ctx.regs }) };
+    0
+}
+
+// END probe sites
+// ===================================================================================
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -4,6 +4,7 @@ pub mod attacher;
 pub mod btf;
 pub mod golang;
 pub mod libs;
+pub mod site;
 pub mod target;
 
 use std::{collections::HashSet, fs, path::Path};
@@ -215,6 +216,10 @@ impl Probes {
             }
             tracing::debug!(took = ?t0.elapsed(), "uprobes detached");
         });
+    }
+
+    pub fn probe_set(&self) -> ProbeSet {
+        self.set
     }
 
     fn uprobe(&mut self, name: &str) -> Result<&mut UProbe> {
