@@ -1141,6 +1141,23 @@ pub fn ssl_read_ret_site(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// Empty programs for `cargo xtask bench overhead`'s floors: the cost of the traps alone at
+/// the monitor's exact probe set (`monitor probes --floor`).
+#[uprobe]
+pub fn floor_uprobe(_ctx: ProbeContext) -> u32 {
+    0
+}
+
+#[uretprobe]
+pub fn floor_uretprobe(_ctx: RetProbeContext) -> u32 {
+    0
+}
+
+#[tracepoint]
+pub fn floor_tracepoint(_ctx: TracePointContext) -> u32 {
+    0
+}
+
 // END probe sites
 // ===================================================================================
 

@@ -493,6 +493,11 @@ fn needs(program: &str) -> Needs {
     }
 }
 
+/// Whether `program` is attached as a uretprobe.
+pub fn is_uretprobe(program: &str) -> bool {
+    needs(program) == Needs::Uretprobe
+}
+
 /// The uprobe that reads what a uretprobe reads, at an instruction after the inner call.
 fn return_at_site(uretprobe: &str) -> Option<&'static str> {
     match uretprobe {
