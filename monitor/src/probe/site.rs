@@ -781,6 +781,16 @@ mod tests {
         );
     }
 
+    #[test]
+    fn site_past_endbr64() {
+        // CET builds (Fedora, Ubuntu) open every function with `endbr64`, which the kernel
+        // single-steps; the `push rbp` after it is emulated, and the stack pointer has not
+        // moved yet, so a uretprobe can share it.
+        let code = [0xf3, 0x0f, 0x1e, 0xfa, 0x55, 0x48, 0x89, 0xe5, 0x5d, 0xc3];
+        let s = entry_site(f(&code), ARGS3, true);
+        assert_eq!((s.offset, s.placement), (0x1004, Placement::Emulated), "{s:?}");
+    }
+
     /// `SSL_write` of Debian 12's libssl.so.3 (OpenSSL 3.0), its first 0x30 bytes and the
     /// error path, as objdump shows them.
     const SSL_WRITE: &[u8] = &[
