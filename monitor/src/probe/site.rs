@@ -110,11 +110,7 @@ pub fn emulated(ins: &Instruction, bytes: &[u8]) -> bool {
     }
     if (0x50..=0x57).contains(&op) {
         // `push reg`, or `push r8..r15` with exactly the REX prefix 0x41.
-        return match prefixes {
-            [] => true,
-            [0x41] => true,
-            _ => false,
-        };
+        return matches!(prefixes, [] | [0x41]);
     }
     false
 }
@@ -562,7 +558,14 @@ pub fn plan(target: &Target, code: impl Fn(u64) -> Option<Vec<u8>>) -> Vec<Place
             let (Some(f), Some(own_entry)) = (func, own_entry) else {
                 return Err("code not readable".into());
             };
-            let ex_symbol = format!("{symbol}_ex");
+            // The `_ex` sibling's forward proves the inner call; an `_ex` form (or a
+            // function without one) can only prove its own.
+            let sibling = format!("{symbol}_ex");
+            let ex_symbol = if by_symbol.contains_key(sibling.as_str()) {
+                sibling
+            } else {
+                symbol.to_string()
+            };
             let no_proof = || format!("{ex_symbol} does not prove what the inner call does");
             let ex = by_symbol.get(ex_symbol.as_str()).ok_or_else(no_proof)?;
             let ex_entry = ex
@@ -788,7 +791,11 @@ mod tests {
         // moved yet, so a uretprobe can share it.
         let code = [0xf3, 0x0f, 0x1e, 0xfa, 0x55, 0x48, 0x89, 0xe5, 0x5d, 0xc3];
         let s = entry_site(f(&code), ARGS3, true);
-        assert_eq!((s.offset, s.placement), (0x1004, Placement::Emulated), "{s:?}");
+        assert_eq!(
+            (s.offset, s.placement),
+            (0x1004, Placement::Emulated),
+            "{s:?}"
+        );
     }
 
     /// `SSL_write` of Debian 12's libssl.so.3 (OpenSSL 3.0), its first 0x30 bytes and the
