@@ -1,5 +1,6 @@
 //! `monitor`: watches east-west traffic for credentials and where they are used.
 
+mod explain;
 mod outputs;
 mod replay;
 mod run;
@@ -20,6 +21,9 @@ enum Command {
     Run(run::RunArgs),
     /// Run the same pipeline on a recorded event log, without the kernel (no root needed).
     Replay(replay::ReplayArgs),
+    /// Where the TLS uprobes sit in a file: `--explain FILE` prints, per function, the site
+    /// chosen by decoding it, how the kernel runs it (emulated, single-step, uretprobe) and why.
+    Probes(explain::ProbesArgs),
     /// Rules files: `check DIR` validates them and reports every error as file:line:column.
     #[command(subcommand)]
     Rules(RulesCommand),
@@ -42,6 +46,7 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(run::run(args))
         }
         Command::Replay(args) => replay::replay(args),
+        Command::Probes(args) => explain::probes(args),
         Command::Rules(RulesCommand::Check { dir }) => match monitor::rules::Rules::load(&dir) {
             Ok(r) => {
                 println!(

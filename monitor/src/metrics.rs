@@ -344,6 +344,26 @@ impl Snapshot {
                     .map(move |(result, n)| (labels([("stack", stack), ("result", result)]), *n))
             }),
         )?;
+        o.gauges(
+            "tls_probe_sites",
+            "TLS probes attached now, by where they sit: kind entry or return; placement \
+             emulated (the kernel emulates the instruction: one trap), single-step (copied \
+             out of line: a second trap) or uretprobe.",
+            s.attach
+                .sites
+                .iter()
+                .map(|((stack, function, kind, placement), n)| {
+                    (
+                        labels([
+                            ("stack", stack),
+                            ("function", function),
+                            ("kind", kind.name()),
+                            ("placement", placement.name()),
+                        ]),
+                        *n,
+                    )
+                }),
+        )?;
         o.gauge(
             "tls_files_attached",
             "Files (TLS libraries and programs) with probes attached now.",
@@ -800,6 +820,15 @@ mod tests {
             .by_stack
             .insert("openssl".into(), BTreeMap::from([("attached", 2)]));
         s.attach.attached_now = 2;
+        s.attach.sites.insert(
+            (
+                "openssl",
+                "SSL_read",
+                crate::probe::site::Kind::Return,
+                crate::probe::site::Placement::Emulated,
+            ),
+            2,
+        );
         s.pipeline.requests_by_protocol = BTreeMap::from([("http/1.1", 6), ("redis", 1)]);
         s.pipeline.parse_errors_by_protocol = BTreeMap::from([("http/2", 1)]);
         s.pipeline.credentials_by_kind = BTreeMap::from([("bearer", 6), ("basic", 1)]);
@@ -950,6 +979,12 @@ mod tests {
         assert_eq!(get("monitor_ringbuf_size_bytes"), (1 << 24) as f64);
         assert_eq!(
             get("monitor_tls_attach_total{stack=\"openssl\",result=\"attached\"}"),
+            2.0
+        );
+        assert_eq!(
+            get(
+                "monitor_tls_probe_sites{stack=\"openssl\",function=\"SSL_read\",kind=\"return\",placement=\"emulated\"}"
+            ),
             2.0
         );
         assert_eq!(get("monitor_requests_total{protocol=\"http/1.1\"}"), 6.0);

@@ -130,7 +130,7 @@ impl Drop for Lock {
 }
 
 /// One HTTP/1.0 GET on loopback; the body if the status is 200.
-fn http_get(port: u16, path: &str) -> Result<String> {
+pub(crate) fn http_get(port: u16, path: &str) -> Result<String> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;

@@ -21,7 +21,8 @@ use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use super::{
-    Link, Probes,
+    Link, ProbeSet, Probes,
+    site::{self, Kind, Placement},
     target::{self, Stack},
 };
 
@@ -45,7 +46,13 @@ pub struct AttachStats {
     /// Longest time from a program's exec (or a library's mmap) to its probes being attached
     /// (µs).
     pub arrival_to_attach_max_us: u64,
+    /// Probes attached now by where they sit: (stack, function, kind, placement) → count.
+    #[serde(skip)]
+    pub sites: BTreeMap<SiteKey, u64>,
 }
+
+/// (stack, function, kind, placement) of an attached probe.
+pub type SiteKey = (&'static str, &'static str, Kind, Placement);
 
 impl AttachStats {
     fn count(&mut self, stack: Stack, result: &'static str) {
@@ -62,6 +69,7 @@ struct Attached {
     path: PathBuf,
     stack: Stack,
     links: Vec<Link>,
+    sites: Vec<SiteKey>,
     users: HashSet<u32>,
     /// Found at start in the library directories: never detached.
     pinned: bool,
@@ -216,6 +224,11 @@ impl Attacher {
         for id in due {
             let a = self.attached.remove(&id).expect("present");
             probes.detach(a.links);
+            for k in &a.sites {
+                if let Some(n) = self.stats.sites.get_mut(k) {
+                    *n = n.saturating_sub(1);
+                }
+            }
             self.stats.count(a.stack, "detached");
             info!(file = %a.path.display(), stack = a.stack.name(), "detached: no process uses it any more");
         }
@@ -292,9 +305,28 @@ impl Attacher {
             }
         };
         let by_fd = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
-        match probes.attach_points(&by_fd, &target.points) {
+        let placed = site::plan_file(&file, &target);
+        let points: Vec<target::Point> = placed.iter().map(|p| p.point.clone()).collect();
+        match probes.attach_points(&by_fd, &points) {
             Ok(links) => {
                 info!(file = %path.display(), stack = target.stack.name(), points = links.len(), "attached TLS probes");
+                let mut sites = Vec::new();
+                let full = probes.probe_set() == ProbeSet::Full;
+                for p in placed.iter().filter(|p| full || !p.point.read_side) {
+                    info!(
+                        file = %path.display(),
+                        function = p.point.symbol,
+                        program = p.point.program,
+                        kind = p.kind.name(),
+                        placement = p.placement.name(),
+                        offset = format_args!("{:#x}+{:#x}", p.entry, p.point.offset.saturating_sub(p.entry)),
+                        reason = %p.reason,
+                        "probe site"
+                    );
+                    let key = (target.stack.name(), p.point.symbol, p.kind, p.placement);
+                    *self.stats.sites.entry(key).or_default() += 1;
+                    sites.push(key);
+                }
                 self.stats.count(target.stack, "attached");
                 let mut users = HashSet::new();
                 if let Some(tgid) = user.filter(|_| !pinned) {
@@ -307,6 +339,7 @@ impl Attacher {
                         path: path.to_path_buf(),
                         stack: target.stack,
                         links,
+                        sites,
                         users,
                         pinned,
                         idle_since: None,

@@ -4,6 +4,7 @@ pub mod attacher;
 pub mod btf;
 pub mod golang;
 pub mod libs;
+pub mod site;
 pub mod target;
 
 use std::{collections::HashSet, fs, path::Path};
@@ -217,6 +218,10 @@ impl Probes {
         });
     }
 
+    pub fn probe_set(&self) -> ProbeSet {
+        self.set
+    }
+
     fn uprobe(&mut self, name: &str) -> Result<&mut UProbe> {
         Ok(self
             .ebpf
@@ -297,6 +302,47 @@ impl Probes {
         runs.sort_by(|a, b| a.program.cmp(&b.program));
         runs
     }
+}
+
+/// Empty programs at `points` of `path` (file offset, whether a uretprobe) and on every
+/// tracepoint the monitor attaches: the cost of the traps alone, for the bench's floors.
+/// Attached while the returned object lives.
+pub fn attach_floor(path: &Path, points: &[(u64, bool)]) -> Result<Ebpf> {
+    raise_memlock();
+    ensure_tracefs()?;
+    let mut ebpf = EbpfLoader::new()
+        .load(OBJECT)
+        .map_err(|e| explain_permission(anyhow::Error::from(e)))
+        .context("loading the eBPF object")?;
+    let tp: &mut TracePoint = ebpf
+        .program_mut("floor_tracepoint")
+        .context("floor_tracepoint missing")?
+        .try_into()?;
+    tp.load()?;
+    tp.attach("sched", "sched_process_exec")?;
+    tp.attach("sched", "sched_process_exit")?;
+    for (_, tps) in TRACEPOINTS {
+        for t in *tps {
+            tp.attach("syscalls", t)
+                .with_context(|| format!("attaching syscalls:{t}"))?;
+        }
+    }
+    for (prog, ret) in [("floor_uprobe", false), ("floor_uretprobe", true)] {
+        let p: &mut UProbe = ebpf
+            .program_mut(prog)
+            .with_context(|| format!("{prog} missing"))?
+            .try_into()?;
+        p.load()?;
+        for &(offset, _) in points.iter().filter(|(_, r)| *r == ret) {
+            p.attach(
+                UProbeAttachLocation::AbsoluteOffset(offset),
+                path,
+                UProbeScope::AllProcesses,
+            )
+            .with_context(|| format!("attaching {prog} at {offset:#x}"))?;
+        }
+    }
+    Ok(ebpf)
 }
 
 /// One program's counters per CPU, `[stat; STAT_COUNT]` for each CPU.
