@@ -1,6 +1,7 @@
 //! The programs, one module per family, and what the families share: which socket an SSL
 //! object (or Go `*tls.Conn`) writes to.
 
+pub mod floor;
 #[cfg(bpf_target_arch = "x86_64")]
 pub mod golang;
 pub mod openssl;

@@ -96,6 +96,16 @@ pub fn ssl_write_ret(ctx: RetProbeContext) -> u32 {
     0
 }
 
+/// The return of `SSL_write` without a uretprobe: a uprobe on the emulated instruction right
+/// after its call to the inner `_ex`-shaped function, where RAX holds that call's result and
+/// its frame (so the out-parameter) is still live. Userspace proves the site from the
+/// instruction stream (`probe/site.rs`); the entry was taken at that call by `ssl_write_ex`.
+#[uprobe]
+pub fn ssl_write_ret_site(ctx: ProbeContext) -> u32 {
+    unsafe { on_ssl_write_ret(&RetProbeContext { regs: ctx.regs }) };
+    0
+}
+
 #[inline(always)]
 unsafe fn on_ssl_write_ret(ctx: &RetProbeContext) -> Option<()> {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -168,6 +178,14 @@ unsafe fn on_ssl_read(ctx: &ProbeContext, ex: bool, source: u8) -> Option<()> {
 #[uretprobe]
 pub fn ssl_read_ret(ctx: RetProbeContext) -> u32 {
     unsafe { on_ssl_read_ret(&ctx) };
+    0
+}
+
+/// The return of `SSL_read` without a uretprobe (the `jle` after `call ssl_read_internal`):
+/// as `ssl_write_ret_site`.
+#[uprobe]
+pub fn ssl_read_ret_site(ctx: ProbeContext) -> u32 {
+    unsafe { on_ssl_read_ret(&RetProbeContext { regs: ctx.regs }) };
     0
 }
 
