@@ -41,12 +41,17 @@ pub struct Request {
 }
 
 impl std::fmt::Debug for Request {
-    // A query string may carry tokens: only its length is shown.
+    // A query string or fragment may carry tokens, userinfo a password: only their lengths
+    // are shown.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let path = match self.path.split_once('?') {
-            Some((p, q)) => format!("{p}?<{} bytes>", q.len()),
-            None => self.path.clone(),
-        };
+        let mut path = self.path.clone();
+        if let Some(r) = crate::credential::userinfo(&path) {
+            path.replace_range(r.clone(), &format!("<{} bytes>@", r.len() - 1));
+        }
+        if let Some(i) = path.find(['?', '#']) {
+            let n = path.len() - i - 1;
+            path.replace_range(i + 1.., &format!("<{n} bytes>"));
+        }
         f.debug_struct("Request")
             .field("method", &self.method)
             .field("path", &path)
@@ -279,7 +284,7 @@ mod tests {
     fn debug_output_has_no_secrets() {
         let r = Request {
             method: "GET".into(),
-            path: "/cb?access_token=s3cr3t".into(),
+            path: "http://u:s3cr3t@h/cb#access_token=s3cr3t".into(),
             host: None,
             version: "HTTP/1.1",
             headers: vec![Header::new("Authorization", b"Bearer s3cr3t")],
