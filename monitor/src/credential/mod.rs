@@ -321,7 +321,7 @@ fn userinfo_credential(path: &str, fp: &Fingerprinter, out: &mut Vec<Credential>
     let Some(r) = userinfo(path) else {
         return;
     };
-    let decoded = Zeroizing::new(percent_decode(path[r.start..r.end - 1].as_bytes()));
+    let decoded = Zeroizing::new(percent_decode(&path.as_bytes()[r.start..r.end - 1]));
     if !decoded.is_empty() {
         out.push(basic("userinfo", &decoded, fp));
     }
