@@ -727,6 +727,39 @@ mod tests {
         assert_eq!(got[0].path, "/caf%E9/%01?token=%FF%FE&x=\u{e9}");
     }
 
+    proptest::proptest! {
+        /// Whatever the method token, target bytes, header count and chunking, one request
+        /// comes out, with every header, after any number of empty lines.
+        #[test]
+        fn any_request_nginx_would_read_is_parsed(
+            method in "[A-Z_-]{1,12}",
+            target in proptest::collection::vec(
+                proptest::prop_oneof![0x21u8..0x7f, 0x80u8..], 1..200),
+            blank in 0usize..4,
+            n in 0usize..400,
+            chunk in 1usize..300,
+        ) {
+            let mut target = target;
+            target[0] = b'/';
+            let mut req = b"\r\n".repeat(blank);
+            req.extend(method.as_bytes());
+            req.push(b' ');
+            req.extend(&target);
+            req.extend(b" HTTP/1.1\r\n");
+            for i in 0..n {
+                req.extend(format!("X-{i}: v\r\n").as_bytes());
+            }
+            req.extend(b"\r\n");
+            let chunks: Vec<&[u8]> = req.chunks(chunk).collect();
+            let got = heads(&chunks);
+            proptest::prop_assert_eq!(got.len(), 1);
+            proptest::prop_assert_eq!(&got[0].method, &method);
+            proptest::prop_assert_eq!(&got[0].path, &target_string(&target));
+            proptest::prop_assert_eq!(got[0].headers.len(), n);
+            proptest::prop_assert_eq!(sniff(&req[..req.len().min(32)]).unwrap_or(Ok(Role::Requests)), Ok(Role::Requests));
+        }
+    }
+
     #[test]
     fn sniffing() {
         assert_eq!(sniff(b"GE"), None);

@@ -482,6 +482,45 @@ mod tests {
         assert_eq!(inline(many.as_bytes()).unwrap().len(), MAX_KEPT_ARGS);
     }
 
+    proptest::proptest! {
+        /// Any arguments, quoted as redis-cli would (every byte `\\xHH`, or single quotes),
+        /// come back whole.
+        #[test]
+        fn quoted_arguments_round_trip(
+            args in proptest::collection::vec(proptest::collection::vec(1u8.., 0..40), 1..MAX_KEPT_ARGS),
+            single in proptest::bool::ANY,
+        ) {
+            let line: Vec<u8> = args
+                .iter()
+                .map(|a| {
+                    if single {
+                        let mut q = vec![b'\''];
+                        for &b in a {
+                            if b == b'\'' {
+                                q.extend(b"\\'");
+                            } else {
+                                q.push(b);
+                            }
+                        }
+                        q.push(b'\'');
+                        q
+                    } else {
+                        let hex: String = a.iter().map(|b| format!("\\x{b:02x}")).collect();
+                        format!("\"{hex}\"").into_bytes()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(&b" "[..]);
+            // Single quotes keep every byte but `\\'`; a `\\` before a closing quote would
+            // escape it, as in redis.
+            let ends_escaped = single && args.iter().any(|a| a.last() == Some(&b'\\'));
+            let got = inline(&line);
+            if !ends_escaped {
+                proptest::prop_assert_eq!(got, Some(args));
+            }
+        }
+    }
+
     #[test]
     fn quoted_inline_auth_is_one_password_not_a_user() {
         let pw = format!("canary {}", std::process::id());
