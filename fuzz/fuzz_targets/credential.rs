@@ -1,10 +1,11 @@
-//! Credential extraction over arbitrary header values and paths: no panic, and what leaves
-//! the extractor never holds a token-like header value.
+//! Credential extraction over arbitrary header values and paths: no panic, what leaves the
+//! extractor never holds a token-like header value, and a redacted path keeps no userinfo
+//! and is redacted already (so nothing redaction hides survives it).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use monitor::{
-    credential::{CredentialConfig, Fingerprinter, extract},
+    credential::{CredentialConfig, Fingerprinter, extract, redact_path, userinfo},
     parse::Header,
 };
 
@@ -40,4 +41,7 @@ fuzz_target!(|data: &[u8]| {
             assert!(!text.as_bytes().windows(value.len()).any(|w| w == value));
         }
     }
+    let shown = redact_path(&path, &cfg);
+    assert!(userinfo(&shown).is_none());
+    assert_eq!(redact_path(&shown, &cfg), shown);
 });

@@ -85,23 +85,68 @@ impl Default for CredentialConfig {
             query_keys: strings(&[
                 "access_token",
                 "id_token",
+                "refresh_token",
                 "api_key",
                 "apikey",
                 "api-key",
                 "token",
+                "auth_token",
                 "key",
                 "sig",
                 "signature",
                 "auth",
+                "client_secret",
+                "secret",
+                "password",
+                "passwd",
+                "pwd",
+                "session",
+                "sessionid",
+                "jsessionid",
+                "private_token",
                 "x-amz-signature",
+                "x-amz-security-token",
                 "x-goog-signature",
             ]),
         }
     }
 }
 
-/// Cookies or query parameters looked at in one request: more is not worth the time.
-const MAX_PAIRS: usize = 64;
+/// Query parameters whose values are hidden from the printed path although they are not
+/// fingerprinted: secret, but not something a workload presents again and again (an OAuth
+/// code is used once, a SAS or OAuth 1 signature changes with every request).
+const REDACT_ONLY: &[&str] = &[
+    "code",
+    "client_assertion",
+    "assertion",
+    "oauth_signature",
+    "sid",
+];
+
+/// Parts of a parameter name that mark its value as secret, for redaction only: a name the
+/// lists above miss (`next_page_token`, `db_password`) is hidden from the path all the same,
+/// but only listed names become credentials, so that detections rest on known meanings.
+const REDACT_NAME_PARTS: &[&str] = &[
+    "token",
+    "secret",
+    "passw",
+    "pwd",
+    "apikey",
+    "api_key",
+    "api-key",
+    "signature",
+    "session",
+    "credential",
+];
+
+/// Query parameters examined in one request. Past it values are redacted unexamined (fail
+/// closed): this bounds the work, not what is hidden.
+const MAX_QUERY_PARAMS: usize = 4096;
+
+/// Credentials taken from one cookie header or one query string: every pair is looked at,
+/// but a request stuffed with thousands of token parameters costs no more than this many
+/// HMACs.
+const MAX_FOUND: usize = 64;
 
 /// Extracts credentials from a request's headers and the query string of its `path`.
 pub fn extract(
@@ -128,6 +173,7 @@ pub fn extract(
             }
         }
     }
+    userinfo_credential(path, fp, &mut out);
     query(path, cfg, fp, &mut out);
     out
 }
@@ -182,18 +228,7 @@ fn authorization(header: &str, value: &[u8], fp: &Fingerprinter) -> Option<Crede
         "basic" => {
             // Fingerprint the decoded user:password so that encodings of it agree.
             let decoded = Zeroizing::new(STANDARD.decode(secret).ok()?);
-            let user = decoded
-                .split(|&b| b == b':')
-                .next()
-                .map(|u| String::from_utf8_lossy(u).into_owned());
-            Credential {
-                header: header.to_string(),
-                kind: "basic",
-                fingerprint: fp.fingerprint(&decoded),
-                user,
-                name: None,
-                claims: None,
-            }
+            basic(header, &decoded, fp)
         }
         "aws4-hmac-sha256" => {
             // Credential=AKID/date/region/service/aws4_request: the signature changes with
@@ -222,8 +257,29 @@ fn sigv4_access_key(params: &[u8]) -> Option<&[u8]> {
         .filter(|k| !k.is_empty())
 }
 
+/// `user:password` (Basic, URL userinfo): the user names the credential. Without a colon the
+/// whole value is the secret (a token sent as the user name), and there is no user.
+fn basic(header: &str, decoded: &[u8], fp: &Fingerprinter) -> Credential {
+    let user = decoded
+        .iter()
+        .position(|&b| b == b':')
+        .map(|i| String::from_utf8_lossy(&decoded[..i]).into_owned());
+    Credential {
+        header: header.to_string(),
+        kind: "basic",
+        fingerprint: fp.fingerprint(decoded),
+        user,
+        name: None,
+        claims: None,
+    }
+}
+
 fn cookies(value: &[u8], cfg: &CredentialConfig, fp: &Fingerprinter, out: &mut Vec<Credential>) {
-    for pair in value.split(|&b| b == b';').take(MAX_PAIRS) {
+    let mut found = 0;
+    for pair in value.split(|&b| b == b';') {
+        if found == MAX_FOUND {
+            break;
+        }
         let Some(eq) = pair.iter().position(|&b| b == b'=') else {
             continue;
         };
@@ -235,6 +291,7 @@ fn cookies(value: &[u8], cfg: &CredentialConfig, fp: &Fingerprinter, out: &mut V
         if v.is_empty() || !cfg.cookie_names.contains(&name) {
             continue;
         }
+        found += 1;
         out.push(Credential {
             name: Some(name),
             ..token("cookie", "cookie", v, fp)
@@ -242,25 +299,99 @@ fn cookies(value: &[u8], cfg: &CredentialConfig, fp: &Fingerprinter, out: &mut V
     }
 }
 
-fn query(path: &str, cfg: &CredentialConfig, fp: &Fingerprinter, out: &mut Vec<Credential>) {
-    let Some((_, q)) = path.split_once('?') else {
+/// Where the userinfo of an absolute-form request target (`http://user:pass@host/`,
+/// RFC 9112 §3.2.2) is: the range of `user:pass@`.
+pub fn userinfo(path: &str) -> Option<std::ops::Range<usize>> {
+    let scheme = path
+        .bytes()
+        .position(|b| !(b.is_ascii_alphanumeric() || b"+-.".contains(&b)))?;
+    if scheme == 0 || !path.as_bytes()[0].is_ascii_alphabetic() {
+        return None;
+    }
+    let start = scheme + path[scheme..].strip_prefix("://").map(|_| 3)?;
+    let authority = &path[start..];
+    let end = authority.find(['/', '?', '#']).unwrap_or(authority.len());
+    let at = authority[..end].rfind('@')?;
+    Some(start..start + at + 1)
+}
+
+/// Userinfo in the target is a password (or a token) like Basic's, fingerprinted the same
+/// way so that `http://u:p@h/` and `Authorization: Basic dTpw` agree.
+fn userinfo_credential(path: &str, fp: &Fingerprinter, out: &mut Vec<Credential>) {
+    let Some(r) = userinfo(path) else {
         return;
     };
-    let q = q.split('#').next().unwrap_or_default();
-    for pair in q.split('&').take(MAX_PAIRS) {
+    let decoded = Zeroizing::new(percent_decode(&path.as_bytes()[r.start..r.end - 1]));
+    if !decoded.is_empty() {
+        out.push(basic("userinfo", &decoded, fp));
+    }
+}
+
+/// What a query parameter is, by its (decoded, lower-cased) name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Param {
+    Plain,
+    /// Hidden from the path, not fingerprinted.
+    Secret,
+    /// A credential: fingerprinted and hidden.
+    Credential,
+    /// `X-Amz-Credential`: the access key id of a presigned URL, an identity, not a secret.
+    AwsCredential,
+}
+
+fn classify(key: &str, cfg: &CredentialConfig) -> Param {
+    if key == "x-amz-credential" {
+        Param::AwsCredential
+    } else if cfg.query_keys.iter().any(|k| k == key) {
+        Param::Credential
+    } else if REDACT_ONLY.contains(&key) || REDACT_NAME_PARTS.iter().any(|p| key.contains(p)) {
+        Param::Secret
+    } else {
+        Param::Plain
+    }
+}
+
+/// The parameters of a target's query and fragment (a token in a fragment that reached the
+/// wire is as exposed as one in the query), each with the separator that ended it:
+/// `(pair, separator)`. Empty before the first `?` or `#`.
+fn params(path: &str) -> impl Iterator<Item = (&str, &str)> {
+    let q = path.find(['?', '#']).map_or("", |i| &path[i + 1..]);
+    q.split_inclusive(['&', '#'])
+        .map(|p| match p.strip_suffix(['&', '#']) {
+            Some(pair) => (pair, &p[pair.len()..]),
+            None => (p, ""),
+        })
+}
+
+/// A parameter's name as compared: percent-decoded, lower case.
+fn param_key(k: &str) -> String {
+    let k = Zeroizing::new(percent_decode(k.as_bytes()));
+    String::from_utf8_lossy(&k).to_ascii_lowercase()
+}
+
+fn query(path: &str, cfg: &CredentialConfig, fp: &Fingerprinter, out: &mut Vec<Credential>) {
+    let mut found = 0;
+    for (pair, _) in params(path).take(MAX_QUERY_PARAMS) {
+        if found == MAX_FOUND {
+            break;
+        }
         let Some((k, v)) = pair.split_once('=') else {
             continue;
         };
-        let key = Zeroizing::new(percent_decode(k.as_bytes()));
-        let key = String::from_utf8_lossy(&key).to_ascii_lowercase();
-        // Decoded so that differently encoded copies of a token agree.
-        let v = Zeroizing::new(percent_decode(v.as_bytes()));
         if v.is_empty() {
             continue;
         }
-        if key == "x-amz-credential" {
+        let key = param_key(k);
+        let class = classify(&key, cfg);
+        if !matches!(class, Param::Credential | Param::AwsCredential) {
+            continue;
+        }
+        // Decoded so that differently encoded copies of a token agree.
+        let v = Zeroizing::new(percent_decode(v.as_bytes()));
+        if class == Param::AwsCredential {
             // Presigned URL: AKID/date/region/service/aws4_request.
             if let Some(akid) = v.split(|&b| b == b'/').next().filter(|k| !k.is_empty()) {
+                found += 1;
                 out.push(Credential {
                     header: "query".into(),
                     kind: "aws-sigv4",
@@ -270,7 +401,8 @@ fn query(path: &str, cfg: &CredentialConfig, fp: &Fingerprinter, out: &mut Vec<C
                     claims: None,
                 });
             }
-        } else if cfg.query_keys.contains(&key) {
+        } else {
+            found += 1;
             out.push(Credential {
                 name: Some(key),
                 ..token("query", "query", &v, fp)
@@ -279,43 +411,53 @@ fn query(path: &str, cfg: &CredentialConfig, fp: &Fingerprinter, out: &mut Vec<C
     }
 }
 
-/// The path with the values of credential-bearing query parameters replaced, so that records
-/// can show where a request went without the token it carried.
+/// The path as records may show it: without the userinfo of an absolute-form target, and
+/// with the values of secret-bearing query parameters replaced, so that records show where a
+/// request went without the secret it carried.
 pub fn redact_path<'a>(path: &'a str, cfg: &CredentialConfig) -> std::borrow::Cow<'a, str> {
-    let Some((base, q)) = path.split_once('?') else {
-        return path.into();
+    let path: std::borrow::Cow<'a, str> = match userinfo(path) {
+        Some(r) => format!("{}{}", &path[..r.start], &path[r.end..]).into(),
+        None => path.into(),
     };
-    let secret = |k: &str| {
-        let k = String::from_utf8_lossy(&percent_decode(k.as_bytes())).to_ascii_lowercase();
-        cfg.query_keys.contains(&k)
-    };
-    if !q.split('&').take(MAX_PAIRS).any(|p| {
-        p.split_once('=')
-            .is_some_and(|(k, v)| !v.is_empty() && secret(k))
-    }) {
-        return path.into();
+    match redact_query(&path, cfg) {
+        Some(p) => p.into(),
+        None => path,
     }
+}
+
+/// `None` when no value needs hiding.
+fn redact_query(path: &str, cfg: &CredentialConfig) -> Option<String> {
+    let hide = |i: usize, pair: &str| {
+        pair.split_once('=').is_some_and(|(k, v)| {
+            !v.is_empty()
+                && (i >= MAX_QUERY_PARAMS
+                    || matches!(
+                        classify(&param_key(k), cfg),
+                        Param::Secret | Param::Credential
+                    ))
+        })
+    };
+    let hidden: Vec<bool> = params(path)
+        .enumerate()
+        .map(|(i, (p, _))| hide(i, p))
+        .collect();
+    if !hidden.contains(&true) {
+        return None;
+    }
+    let start = path.find(['?', '#']).expect("a parameter was hidden") + 1;
     let mut out = String::with_capacity(path.len());
-    out.push_str(base);
-    out.push('?');
-    for (i, pair) in q.split('&').enumerate() {
-        if i > 0 {
-            out.push('&');
-        }
+    out.push_str(&path[..start]);
+    for ((pair, sep), hide) in params(path).zip(hidden) {
         match pair.split_once('=') {
-            Some((k, v)) if i < MAX_PAIRS && !v.is_empty() && secret(k) => {
+            Some((k, _)) if hide => {
                 out.push_str(k);
                 out.push_str("=REDACTED");
-                // A fragment after the value is kept.
-                if let Some((_, frag)) = v.split_once('#') {
-                    out.push('#');
-                    out.push_str(frag);
-                }
             }
             _ => out.push_str(pair),
         }
+        out.push_str(sep);
     }
-    out.into()
+    Some(out)
 }
 
 fn percent_decode(s: &[u8]) -> Vec<u8> {
@@ -466,6 +608,149 @@ mod tests {
             std::borrow::Cow::Borrowed(_)
         ));
         assert!(all(&[], "/?token=&%zz=%").is_empty());
+    }
+
+    /// A random secret, so that a test finding it in an output is never a coincidence.
+    fn canary() -> String {
+        let mut b = [0u8; 12];
+        getrandom::fill(&mut b).unwrap();
+        format!("canary{}", hex::encode(b))
+    }
+
+    /// What a record shows of a request: its credentials and its redacted path.
+    fn shown(c: &[Credential], path: &str) -> String {
+        let p = redact_path(path, &CredentialConfig::default());
+        format!("{} {p} {c:?}", serde_json::to_string(c).unwrap())
+    }
+
+    #[test]
+    fn basic_without_a_colon_is_a_secret_not_a_user() {
+        let secret = canary();
+        let c = one(
+            "Authorization",
+            &format!("Basic {}", STANDARD.encode(&secret)),
+        );
+        assert_eq!((c[0].kind, c[0].user.as_deref()), ("basic", None));
+        assert_eq!(c[0].fingerprint, fp().fingerprint(secret.as_bytes()));
+        assert!(!shown(&c, "/").contains(&secret));
+        // With a colon the user stays; an empty password too.
+        let c = one("Authorization", &format!("Basic {}", STANDARD.encode("u:")));
+        assert_eq!(c[0].user.as_deref(), Some("u"));
+    }
+
+    #[test]
+    fn every_query_parameter_is_examined_and_redacted() {
+        let secret = canary();
+        for before in [64, 65, 1000, MAX_QUERY_PARAMS + 10] {
+            let mut path = String::from("/q?");
+            for i in 0..before {
+                path.push_str(&format!("p{i}=v&"));
+            }
+            path.push_str(&format!("access_token={secret}&last=1"));
+            let c = all(&[], &path);
+            let shown = shown(&c, &path);
+            assert!(!shown.contains(&secret), "{before} parameters before it");
+            assert!(shown.contains("&last=") && shown.contains("access_token=REDACTED"));
+            if before < MAX_QUERY_PARAMS {
+                assert_eq!(c.len(), 1, "{before}");
+                assert_eq!(c[0].fingerprint, fp().fingerprint(secret.as_bytes()));
+            } else {
+                // Not examined: hidden all the same, whatever its name.
+                assert!(c.is_empty());
+                assert!(shown.contains("&last=REDACTED"));
+            }
+        }
+        // Thousands of token parameters cost a bounded number of fingerprints.
+        let path = format!("/q?{}", "token=x&".repeat(3000));
+        assert_eq!(all(&[], &path).len(), MAX_FOUND);
+        let cookie = format!("{}session={secret}", "a=b; ".repeat(100));
+        let c = one("cookie", &cookie);
+        assert_eq!(c.len(), 1, "a cookie past the 64th is examined");
+        assert_eq!(c[0].fingerprint, fp().fingerprint(secret.as_bytes()));
+    }
+
+    #[test]
+    fn secret_bearing_query_names_are_redacted() {
+        let cfg = CredentialConfig::default();
+        for name in [
+            "X-Amz-Security-Token",
+            "refresh_token",
+            "client_secret",
+            "password",
+            "passwd",
+            "pwd",
+            "secret",
+            "id_token",
+            "sig",
+            "apikey",
+            "session",
+        ] {
+            let secret = canary();
+            let path = format!("/p?a=1&{name}={secret}");
+            let c = all(&[], &path);
+            assert_eq!(c.len(), 1, "{name} is a credential");
+            assert_eq!(
+                c[0].name.as_deref(),
+                Some(name.to_ascii_lowercase().as_str())
+            );
+            assert_eq!(c[0].fingerprint, fp().fingerprint(secret.as_bytes()));
+            assert_eq!(redact_path(&path, &cfg), format!("/p?a=1&{name}=REDACTED"));
+        }
+        // Hidden but not credentials: single-use or per-request values, and names that only
+        // look secret.
+        for name in [
+            "code",
+            "oauth_signature",
+            "next_page_token",
+            "db_password",
+            "x-goog-credential",
+        ] {
+            let secret = canary();
+            let path = format!("/p?{name}={secret}");
+            assert!(all(&[], &path).is_empty(), "{name}");
+            assert_eq!(redact_path(&path, &cfg), format!("/p?{name}=REDACTED"));
+        }
+        // A fragment that reached the wire is looked at too.
+        let secret = canary();
+        let path = format!("/cb#access_token={secret}&state=s");
+        assert_eq!(all(&[], &path).len(), 1);
+        assert_eq!(
+            redact_path(&path, &cfg),
+            "/cb#access_token=REDACTED&state=s"
+        );
+        // The access key id of a presigned URL is an identity: kept.
+        let path = "/o?X-Amz-Credential=AKIDEXAMPLE%2F20150830&x=1";
+        assert_eq!(redact_path(path, &cfg), path);
+    }
+
+    #[test]
+    fn userinfo_of_an_absolute_target_is_a_credential_and_stripped() {
+        let cfg = CredentialConfig::default();
+        let secret = canary();
+        let path = format!("http://svc:{secret}@orders.test:8080/api?x=1");
+        let c = all(&[], &path);
+        assert_eq!(
+            (c[0].kind, c[0].header.as_str(), c[0].user.as_deref()),
+            ("basic", "userinfo", Some("svc"))
+        );
+        // The same fingerprint as Basic auth with the same user and password.
+        let basic = one(
+            "authorization",
+            &format!("Basic {}", STANDARD.encode(format!("svc:{secret}"))),
+        );
+        assert_eq!(c[0].fingerprint, basic[0].fingerprint);
+        assert_eq!(redact_path(&path, &cfg), "http://orders.test:8080/api?x=1");
+        assert!(!shown(&c, &path).contains(&secret));
+        // A token as the user name; percent-encoded; an @ in the query is not userinfo.
+        let c = all(&[], &format!("https://{secret}@h/"));
+        assert_eq!((c[0].user.as_deref(), c.len()), (None, 1));
+        assert_eq!(c[0].fingerprint, fp().fingerprint(secret.as_bytes()));
+        let c = all(&[], "http://a%40b:p%3Aq@h");
+        assert_eq!(c[0].fingerprint, fp().fingerprint(b"a@b:p:q"));
+        assert_eq!(redact_path("http://a%40b:p%3Aq@h", &cfg), "http://h");
+        assert!(all(&[], "http://h/p?mail=a@b").is_empty());
+        assert_eq!(redact_path("/p?mail=a@b", &cfg), "/p?mail=a@b");
+        assert!(all(&[], "/a:b@c/").is_empty());
     }
 
     #[test]

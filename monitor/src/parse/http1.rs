@@ -6,7 +6,9 @@ use zeroize::Zeroize;
 
 /// Largest header block (or chunk-size/trailer line) accepted; past it the stream is broken.
 pub const MAX_HEAD: usize = 64 * 1024;
-const MAX_HEADERS: usize = 128;
+/// Headers parsed without allocating; a head with more is parsed again with room for as many
+/// as its lines (bounded by [`MAX_HEAD`]), as nginx takes any number within its buffers.
+const FEW_HEADERS: usize = 128;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParseError {
@@ -66,39 +68,164 @@ impl std::fmt::Debug for Http1Parser {
     }
 }
 
-const METHODS: &[&[u8]] = &[
-    b"GET ",
-    b"POST ",
-    b"PUT ",
-    b"DELETE ",
-    b"HEAD ",
-    b"OPTIONS ",
-    b"PATCH ",
-    b"CONNECT ",
-    b"TRACE ",
-];
+/// Empty lines before a request (or status) line are ignored, as RFC 9112 §2.2 allows and
+/// nginx does (any number of them).
+pub(crate) fn skip_empty_lines(data: &[u8]) -> usize {
+    data.iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count()
+}
+
+/// RFC 9110 `tchar`: what a method is made of.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// A request line, read as leniently as nginx reads one (a request nginx answers must not
+/// slip past): any token as the method, one or more spaces between the parts, the target's
+/// bytes as they are (obs-text, invalid UTF-8), CRLF or a bare LF, and HTTP/0.9's
+/// `GET target` with no version and no headers.
+struct RequestLine<'a> {
+    method: &'a [u8],
+    target: &'a [u8],
+    version: &'static str,
+    /// Bytes up to and including the line end.
+    len: usize,
+}
+
+/// `Ok(None)`: not complete yet, and nothing so far says it is not a request line.
+/// `NotHttp`: not a request line at all (another protocol: the stream may be sniffed as one).
+fn request_line(data: &[u8]) -> Result<Option<RequestLine<'_>>, ParseError> {
+    let m = data.iter().take_while(|&&b| is_tchar(b)).count();
+    let Some(&sep) = data.get(m) else {
+        return Ok(None);
+    };
+    if m == 0 || sep != b' ' {
+        return Err(ParseError::NotHttp);
+    }
+    let spaces = |i: usize| i + data[i..].iter().take_while(|&&b| b == b' ').count();
+    let t = spaces(m);
+    let t_end = t + data[t..]
+        .iter()
+        .take_while(|&&b| !matches!(b, b' ' | b'\r' | b'\n'))
+        .count();
+    let Some(&after) = data.get(t_end) else {
+        return Ok(None);
+    };
+    let (method, target) = (&data[..m], &data[t..t_end]);
+    if t_end == t {
+        return Err(ParseError::NotHttp);
+    }
+    let line_end = |i: usize| -> Option<usize> {
+        match data.get(i..)? {
+            [b'\n', ..] => Some(i + 1),
+            [b'\r', b'\n', ..] => Some(i + 2),
+            _ => None,
+        }
+    };
+    if after != b' ' {
+        // HTTP/0.9: nginx answers a bare GET.
+        if method != b"GET" {
+            return Err(ParseError::NotHttp);
+        }
+        return match (line_end(t_end), data.len() - t_end) {
+            (Some(len), _) => Ok(Some(RequestLine {
+                method,
+                target,
+                version: "HTTP/0.9",
+                len,
+            })),
+            (None, 1) => Ok(None),
+            (None, _) => Err(ParseError::Malformed),
+        };
+    }
+    let v = spaces(t_end);
+    let v_end = v + data[v..]
+        .iter()
+        .take_while(|&&b| b.is_ascii_alphanumeric() || b == b'/' || b == b'.')
+        .count();
+    let version = &data[v..v_end];
+    const HTTP1: &[u8] = b"HTTP/1.";
+    let n = version.len().min(HTTP1.len());
+    if version[..n] != HTTP1[..n] {
+        return Err(ParseError::NotHttp);
+    }
+    if v_end == data.len() {
+        return Ok(None);
+    }
+    let minor = &version[n..];
+    if version.len() <= HTTP1.len() || !minor.iter().all(u8::is_ascii_digit) {
+        return Err(ParseError::Malformed);
+    }
+    // nginx allows spaces after the version.
+    let e = spaces(v_end);
+    match line_end(e) {
+        Some(len) => Ok(Some(RequestLine {
+            method,
+            target,
+            version: if minor.iter().all(|&d| d == b'0') {
+                "HTTP/1.0"
+            } else {
+                "HTTP/1.1"
+            },
+            len,
+        })),
+        None if data.len() - e <= 1 && data.get(e).is_none_or(|&b| b == b'\r') => Ok(None),
+        None => Err(ParseError::Malformed),
+    }
+}
+
+/// The request target as text: valid UTF-8 kept, other bytes and ASCII controls
+/// percent-encoded. A path nginx accepts is never a reason to drop the request, and query
+/// values are still decoded (and redacted) byte for byte.
+fn target_string(target: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(target.len());
+    for chunk in target.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c.is_ascii_control() {
+                let _ = write!(out, "%{:02X}", c as u8);
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
 
 /// Tells from the first bytes of a stream whether it is HTTP/1 and which side.
 /// `None`: not enough bytes to tell yet.
 pub fn sniff(data: &[u8]) -> Option<Result<Role, ParseError>> {
-    let candidates = METHODS
-        .iter()
-        .map(|m| (*m, Role::Requests))
-        .chain([(&b"HTTP/1."[..], Role::Responses)]);
-    let mut undecided = false;
-    for (prefix, role) in candidates {
-        let n = prefix.len().min(data.len());
-        if data[..n] == prefix[..n] {
-            if n == prefix.len() {
-                return Some(Ok(role));
-            }
-            undecided = true;
-        }
+    let data = &data[skip_empty_lines(data)..];
+    if data.is_empty() {
+        return None;
     }
-    if undecided {
-        None
-    } else {
-        Some(Err(ParseError::NotHttp))
+    const STATUS: &[u8] = b"HTTP/1.";
+    let n = STATUS.len().min(data.len());
+    if data[..n] == STATUS[..n] {
+        return (n == STATUS.len()).then_some(Ok(Role::Responses));
+    }
+    match request_line(data) {
+        Ok(Some(_)) => Some(Ok(Role::Requests)),
+        Err(e) => Some(Err(e)),
+        // Decided before the line ends when the target has a request's shape (origin form,
+        // absolute form, CONNECT's authority, OPTIONS' `*`): request lines can be far longer
+        // than the bytes a stream is sniffed by. Anything else waits for its line end, so
+        // that `AUTH pw` (Redis) or `PRI * HTTP/2.0` are left to their own parsers.
+        Ok(None) => {
+            let m = data.iter().take_while(|&&b| is_tchar(b)).count();
+            let rest = &data[m..];
+            let t = &rest[rest.iter().take_while(|&&b| b == b' ').count()..];
+            let method = &data[..m];
+            let shaped = t.first() == Some(&b'/')
+                || (t.first() == Some(&b'*') && method == b"OPTIONS")
+                || (method == b"CONNECT" && !t.is_empty())
+                || t[..t.len().min(16)].windows(3).any(|w| w == b"://");
+            shaped.then_some(Ok(Role::Requests))
+        }
     }
 }
 
@@ -154,6 +281,9 @@ impl Http1Parser {
                 return Ok(());
             }
             match self.body {
+                Body::None if matches!(avail[0], b'\r' | b'\n') => {
+                    *pos += skip_empty_lines(avail);
+                }
                 Body::None => match self.parse_head(*pos, out)? {
                     Some(n) => *pos += n,
                     None => return Ok(()),
@@ -217,54 +347,56 @@ impl Http1Parser {
         out: &mut Vec<Message>,
     ) -> Result<Option<usize>, ParseError> {
         let data = &self.buf[pos..];
-        if let Some(Err(e)) = sniff(data) {
-            return Err(e);
-        }
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let (n, msg, body) = match self.role {
             Role::Requests => {
-                let mut req = httparse::Request::new(&mut headers);
-                let n = match req.parse(data) {
-                    Ok(httparse::Status::Complete(n)) => n,
-                    Ok(httparse::Status::Partial) => return Ok(None),
-                    Err(_) => return Err(ParseError::Malformed),
+                let Some(line) = request_line(data)? else {
+                    return Ok(None);
                 };
-                let hs: Vec<Header> = req
-                    .headers
-                    .iter()
-                    .map(|h| Header::new(h.name, h.value))
-                    .collect();
+                let (n, hs) = if line.version == "HTTP/0.9" {
+                    (line.len, Vec::new())
+                } else {
+                    let rest = &data[line.len..];
+                    let parsed = with_headers(rest, |hs| {
+                        Ok(match httparse::parse_headers(rest, hs)? {
+                            httparse::Status::Complete((k, hs)) => Some((k, owned(hs))),
+                            httparse::Status::Partial => None,
+                        })
+                    })?;
+                    match parsed {
+                        Some((k, hs)) => (line.len + k, hs),
+                        None => return Ok(None),
+                    }
+                };
                 let body = body_of(&hs, false)?;
                 let host = hs
                     .iter()
                     .find(|h| h.name == "host")
                     .map(|h| String::from_utf8_lossy(&h.value).into_owned());
                 let msg = Message::Request(Request {
-                    method: req.method.unwrap_or_default().to_string(),
-                    path: req.path.unwrap_or_default().to_string(),
+                    method: String::from_utf8_lossy(line.method).into_owned(),
+                    path: target_string(line.target),
                     host,
-                    version: if req.version == Some(0) {
-                        "HTTP/1.0"
-                    } else {
-                        "HTTP/1.1"
-                    },
+                    version: line.version,
                     headers: hs,
                 });
                 (n, msg, body)
             }
             Role::Responses => {
-                let mut resp = httparse::Response::new(&mut headers);
-                let n = match resp.parse(data) {
-                    Ok(httparse::Status::Complete(n)) => n,
-                    Ok(httparse::Status::Partial) => return Ok(None),
-                    Err(_) => return Err(ParseError::Malformed),
+                if let Some(Err(e)) = sniff(data) {
+                    return Err(e);
+                }
+                let parsed = with_headers(data, |hs| {
+                    let mut resp = httparse::Response::new(hs);
+                    Ok(match resp.parse(data)? {
+                        httparse::Status::Complete(n) => {
+                            Some((n, resp.code.unwrap_or(0), owned(resp.headers)))
+                        }
+                        httparse::Status::Partial => None,
+                    })
+                })?;
+                let Some((n, status, hs)) = parsed else {
+                    return Ok(None);
                 };
-                let status = resp.code.unwrap_or(0);
-                let hs: Vec<Header> = resp
-                    .headers
-                    .iter()
-                    .map(|h| Header::new(h.name, h.value))
-                    .collect();
                 let body = if (100..200).contains(&status) || status == 204 || status == 304 {
                     Body::None
                 } else {
@@ -273,6 +405,10 @@ impl Http1Parser {
                 (n, Message::Response { status }, body)
             }
         };
+        // The same limit whether the head came in one piece or many.
+        if n > MAX_HEAD {
+            return Err(ParseError::HeadTooLarge);
+        }
         out.push(msg);
         self.body = if body == Body::Length(0) {
             Body::None
@@ -281,6 +417,35 @@ impl Http1Parser {
         };
         Ok(Some(n))
     }
+}
+
+/// Runs an httparse parse with room for [`FEW_HEADERS`] headers, and again with room for every
+/// line of the head when that was too few. `parse` gives `None` when the head is incomplete.
+fn with_headers<'b, R>(
+    data: &'b [u8],
+    mut parse: impl FnMut(&mut [httparse::Header<'b>]) -> Result<Option<R>, httparse::Error>,
+) -> Result<Option<R>, ParseError> {
+    let mut few = [httparse::EMPTY_HEADER; FEW_HEADERS];
+    let r = match parse(&mut few) {
+        Err(httparse::Error::TooManyHeaders) => {
+            // Each header ends with a LF: no more headers than lines, and no more lines
+            // than a head may hold.
+            let window = &data[..data.len().min(MAX_HEAD)];
+            let lines = window.iter().filter(|&&b| b == b'\n').count() + 1;
+            let mut many = vec![httparse::EMPTY_HEADER; lines];
+            parse(&mut many)
+        }
+        r => r,
+    };
+    match r {
+        Ok(r) => Ok(r),
+        Err(httparse::Error::TooManyHeaders) => Err(ParseError::HeadTooLarge),
+        Err(_) => Err(ParseError::Malformed),
+    }
+}
+
+fn owned(hs: &[httparse::Header<'_>]) -> Vec<Header> {
+    hs.iter().map(|h| Header::new(h.name, h.value)).collect()
 }
 
 fn body_of(headers: &[Header], response: bool) -> Result<Body, ParseError> {
@@ -420,6 +585,179 @@ mod tests {
             ),
             Err(ParseError::BadChunk)
         );
+    }
+
+    fn heads(chunks: &[&[u8]]) -> Vec<Request> {
+        let mut p = Http1Parser::new(Role::Requests);
+        let mut out = Vec::new();
+        for c in chunks {
+            p.feed(c, &mut out).unwrap();
+        }
+        out.into_iter()
+            .filter_map(|m| match m {
+                Message::Request(r) => Some(r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn empty_lines_before_a_request_line_are_skipped() {
+        let crlf = "\r\n".repeat(5000);
+        let s = format!(
+            "{crlf}GET /a HTTP/1.1\r\n\r\n\r\n\nPOST /b HTTP/1.1\r\nContent-Length: 0\r\n\r\n\r\n"
+        );
+        for chunk in [1, 7, s.len()] {
+            let chunks: Vec<&[u8]> = s.as_bytes().chunks(chunk).collect();
+            let got: Vec<_> = heads(&chunks).into_iter().map(|r| r.path).collect();
+            assert_eq!(got, ["/a", "/b"], "chunk {chunk}");
+        }
+        assert_eq!(sniff(b"\r\n\r\nGET /"), Some(Ok(Role::Requests)));
+        assert_eq!(sniff(b"\r\n\n"), None);
+    }
+
+    #[test]
+    fn any_token_method_is_a_request() {
+        let got = heads(&[b"PROPFIND /dav HTTP/1.1\r\nDepth: 1\r\n\r\nFOO-BAR /x HTTP/1.0\r\n\r\nM-SEARCH * HTTP/1.1\r\n\r\n"]);
+        let got: Vec<_> = got
+            .iter()
+            .map(|r| (r.method.as_str(), r.path.as_str(), r.version))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("PROPFIND", "/dav", "HTTP/1.1"),
+                ("FOO-BAR", "/x", "HTTP/1.0"),
+                ("M-SEARCH", "*", "HTTP/1.1")
+            ]
+        );
+        // Decided before the line ends when the target has a request's shape: a request line
+        // longer than the bytes a stream is sniffed by.
+        assert_eq!(
+            sniff(b"REPORT /calendars/very/long"),
+            Some(Ok(Role::Requests))
+        );
+        assert_eq!(sniff(b"PURGE http://cache/x"), Some(Ok(Role::Requests)));
+        assert_eq!(sniff(b"M-SEARCH * HTTP/1.1\r\n"), Some(Ok(Role::Requests)));
+        assert_eq!(sniff(b"M-SEARCH * HT"), None);
+        // Other protocols' lines are not requests.
+        assert_eq!(sniff(b"AUTH hunter2\r\n"), Some(Err(ParseError::NotHttp)));
+        assert_eq!(sniff(b"AUTH hunter2"), None);
+        assert_eq!(
+            sniff(b"PRI * HTTP/2.0\r\n\r\nSM"),
+            Some(Err(ParseError::NotHttp))
+        );
+        assert_eq!(
+            sniff(b"SSH-2.0-OpenSSH_9.6\r\n"),
+            Some(Err(ParseError::NotHttp))
+        );
+        assert_eq!(sniff(b"get\t/"), Some(Err(ParseError::NotHttp)));
+    }
+
+    #[test]
+    fn lenient_request_lines_as_nginx_reads_them() {
+        let got = heads(&[
+            b"GET  /a   HTTP/1.1  \nHost: h\n\nGET /?access_token=t\r\nGET /c HTTP/1.2\r\n\r\n",
+        ]);
+        let got: Vec<_> = got
+            .iter()
+            .map(|r| (r.path.as_str(), r.version, r.host.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("/a", "HTTP/1.1", Some("h")),
+                ("/?access_token=t", "HTTP/0.9", None),
+                ("/c", "HTTP/1.1", None)
+            ]
+        );
+        let mut p = Http1Parser::new(Role::Requests);
+        let mut out = Vec::new();
+        for bad in [
+            &b"GET / HTTP/1.x\r\n\r\n"[..],
+            b"GET / HTTP/1.1 x\r\n",
+            b"POST /x\r\n",
+        ] {
+            assert!(
+                p.feed(bad, &mut out).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn more_headers_than_the_first_try_holds() {
+        for n in [128, 129, 1000, 5000] {
+            let mut s = String::from("GET /many HTTP/1.1\r\n");
+            for i in 0..n {
+                s.push_str(&format!("X-{i}: v\r\n"));
+            }
+            s.push_str("Authorization: Bearer t\r\n\r\n");
+            let got = heads(&[s.as_bytes()]);
+            assert_eq!(got.len(), 1, "{n} headers");
+            assert_eq!(got[0].headers.len(), n + 1);
+            assert_eq!(got[0].headers[n].name, "authorization");
+        }
+        // Still bounded: a head past MAX_HEAD is refused whatever its header count.
+        let mut p = Http1Parser::new(Role::Requests);
+        let mut out = Vec::new();
+        let head = format!(
+            "GET / HTTP/1.1\r\n{}\r\n",
+            "a:\r\n".repeat(MAX_HEAD / 4 + 1)
+        );
+        assert_eq!(
+            p.feed(head.as_bytes(), &mut out),
+            Err(ParseError::HeadTooLarge)
+        );
+        // Responses too.
+        let mut p = Http1Parser::new(Role::Responses);
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\n{}Content-Length: 0\r\n\r\n",
+            "X: y\r\n".repeat(300)
+        );
+        p.feed(resp.as_bytes(), &mut out).unwrap();
+        assert!(matches!(out[..], [Message::Response { status: 200 }]));
+    }
+
+    #[test]
+    fn a_path_that_is_not_utf8_is_kept_percent_encoded() {
+        let got = heads(&[b"GET /caf\xe9/\x01?token=\xff\xfe&x=\xc3\xa9 HTTP/1.1\r\n\r\n"]);
+        assert_eq!(got[0].path, "/caf%E9/%01?token=%FF%FE&x=\u{e9}");
+    }
+
+    proptest::proptest! {
+        /// Whatever the method token, target bytes, header count and chunking, one request
+        /// comes out, with every header, after any number of empty lines.
+        #[test]
+        fn any_request_nginx_would_read_is_parsed(
+            method in "[A-Z_-]{1,12}",
+            target in proptest::collection::vec(
+                proptest::prop_oneof![0x21u8..0x7f, 0x80u8..], 1..200),
+            blank in 0usize..4,
+            n in 0usize..400,
+            chunk in 1usize..300,
+        ) {
+            let mut target = target;
+            target[0] = b'/';
+            let mut req = b"\r\n".repeat(blank);
+            req.extend(method.as_bytes());
+            req.push(b' ');
+            req.extend(&target);
+            req.extend(b" HTTP/1.1\r\n");
+            for i in 0..n {
+                req.extend(format!("X-{i}: v\r\n").as_bytes());
+            }
+            req.extend(b"\r\n");
+            let chunks: Vec<&[u8]> = req.chunks(chunk).collect();
+            let got = heads(&chunks);
+            proptest::prop_assert_eq!(got.len(), 1);
+            proptest::prop_assert_eq!(&got[0].method, &method);
+            proptest::prop_assert_eq!(&got[0].path, &target_string(&target));
+            proptest::prop_assert_eq!(got[0].headers.len(), n);
+            proptest::prop_assert_eq!(sniff(&req[..req.len().min(32)]).unwrap_or(Ok(Role::Requests)), Ok(Role::Requests));
+        }
     }
 
     #[test]

@@ -41,12 +41,17 @@ pub struct Request {
 }
 
 impl std::fmt::Debug for Request {
-    // A query string may carry tokens: only its length is shown.
+    // A query string or fragment may carry tokens, userinfo a password: only their lengths
+    // are shown.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let path = match self.path.split_once('?') {
-            Some((p, q)) => format!("{p}?<{} bytes>", q.len()),
-            None => self.path.clone(),
-        };
+        let mut path = self.path.clone();
+        if let Some(r) = crate::credential::userinfo(&path) {
+            path.replace_range(r.clone(), &format!("<{} bytes>@", r.len() - 1));
+        }
+        if let Some(i) = path.find(['?', '#']) {
+            let n = path.len() - i - 1;
+            path.replace_range(i + 1.., &format!("<{n} bytes>"));
+        }
         f.debug_struct("Request")
             .field("method", &self.method)
             .field("path", &path)
@@ -105,8 +110,8 @@ pub enum Sniff {
     Unknown,
 }
 
-/// Tells which parser a stream needs from its first bytes. Past [`SNIFF_MAX`] bytes the answer
-/// is never `Undecided`.
+/// Tells which parser a stream needs from its first bytes. Past [`SNIFF_MAX`] bytes (not
+/// counting up to [`http1::MAX_HEAD`] leading empty lines) the answer is never `Undecided`.
 pub fn sniff(data: &[u8]) -> Sniff {
     let mut undecided = false;
     match http1::sniff(data) {
@@ -133,7 +138,10 @@ pub fn sniff(data: &[u8]) -> Sniff {
         None => undecided = true,
         Some(false) => {}
     }
-    if undecided && data.len() < SNIFF_MAX {
+    // Empty lines may come before an HTTP/1 request line (RFC 9112 §2.2): they do not count
+    // against the sniffing budget, up to a head's worth of them.
+    let blank = http1::skip_empty_lines(data);
+    if undecided && data.len() - blank < SNIFF_MAX && blank <= http1::MAX_HEAD {
         Sniff::Undecided
     } else {
         Sniff::Unknown
@@ -273,13 +281,26 @@ mod tests {
         assert_eq!(known(b"\x16\x03\x01\x02\x00\x01"), "unknown");
         assert_eq!(known(b"SSH-2.0-OpenSSH_9.6\r\n"), "unknown");
         assert_eq!(known(&[0; SNIFF_MAX]), "unknown");
+        // Empty lines before a request line do not spend the sniffing budget.
+        let mut late = b"\r\n".repeat(SNIFF_MAX * 4);
+        assert_eq!(known(&late), "undecided");
+        late.extend(b"GET / HTTP/1.1\r\n");
+        assert_eq!(known(&late), "http/1.1");
+        assert_eq!(known(&b"\n".repeat(http1::MAX_HEAD + 1)), "unknown");
+        // An unknown method is HTTP; an inline Redis AUTH is not.
+        assert_eq!(
+            known(b"PROPFIND /dav/collection/with/a/long/name"),
+            "http/1.1"
+        );
+        assert_eq!(known(b"AUTH \"a b\"\r\n"), "redis");
+        assert_eq!(known(b"AUTH pw\r\n"), "redis");
     }
 
     #[test]
     fn debug_output_has_no_secrets() {
         let r = Request {
             method: "GET".into(),
-            path: "/cb?access_token=s3cr3t".into(),
+            path: "http://u:s3cr3t@h/cb#access_token=s3cr3t".into(),
             host: None,
             version: "HTTP/1.1",
             headers: vec![Header::new("Authorization", b"Bearer s3cr3t")],

@@ -76,11 +76,22 @@ pub fn sniff(data: &[u8]) -> Option<bool> {
         }
         return (n == expect.len()).then_some(true);
     }
-    // Inline AUTH/HELLO, as typed into telnet or nc.
-    for word in [&b"AUTH "[..], b"HELLO "] {
+    // Inline AUTH/HELLO, as typed into telnet or nc; redis skips leading blanks.
+    let data = &data[data
+        .iter()
+        .take_while(|&&b| b == b' ' || b == b'\t')
+        .count()..];
+    if data.is_empty() {
+        return None;
+    }
+    for word in [&b"AUTH"[..], b"HELLO"] {
         let n = data.len().min(word.len());
         if data[..n].eq_ignore_ascii_case(&word[..n]) {
-            return (n == word.len()).then_some(true);
+            return match data.get(word.len()) {
+                None => None,
+                Some(b' ' | b'\t') => Some(true),
+                Some(_) => Some(false),
+            };
         }
     }
     Some(false)
@@ -155,12 +166,9 @@ impl RedisParser {
                             };
                         };
                         let line = &avail[..eol];
-                        self.args = line
-                            .split(|b| b.is_ascii_whitespace())
-                            .filter(|w| !w.is_empty())
-                            .take(MAX_KEPT_ARGS)
-                            .map(|w| Zeroizing::new(w.to_vec()))
-                            .collect();
+                        let line = line.strip_suffix(b"\r").unwrap_or(line);
+                        // Unbalanced quotes: redis refuses the line, so it logs nobody in.
+                        self.args = split_inline(line).unwrap_or_default();
                         *pos += eol + 1;
                         if let Some(m) = self.login() {
                             out.push(m);
@@ -272,6 +280,105 @@ impl RedisParser {
     }
 }
 
+/// Splits an inline command into arguments as redis-server does (`sdssplitargs`), so that
+/// `AUTH "a b"` is one password: double quotes with `\\n`, `\\r`, `\\t`, `\\b`, `\\a`,
+/// `\\xHH` and `\\<c>` escapes; single quotes with `\\'`; a closing quote must end the
+/// argument. Only the first [`MAX_KEPT_ARGS`] are kept (the others are still parsed: a bad
+/// quote anywhere makes the whole line an error). `None` when redis would refuse the line
+/// (unbalanced quotes).
+fn split_inline(line: &[u8]) -> Option<Vec<Zeroizing<Vec<u8>>>> {
+    // redis-server copies the line into a C string: a NUL ends it.
+    let line = &line[..line.iter().position(|&b| b == 0).unwrap_or(line.len())];
+    // C's isspace, which redis uses between arguments and after a closing quote.
+    let space = |b: u8| b" \t\n\r\x0b\x0c".contains(&b);
+    let hex = |b: Option<&u8>| b.and_then(|&b| (b as char).to_digit(16));
+    let mut args = Vec::new();
+    let mut cur = Zeroizing::new(Vec::new());
+    let mut i = 0;
+    loop {
+        while i < line.len() && space(line[i]) {
+            i += 1;
+        }
+        if i == line.len() {
+            return Some(args);
+        }
+        // Sized once so that growing it leaves no copies of a password behind.
+        if cur.capacity() == 0 {
+            cur.reserve_exact(line.len() - i);
+        }
+        let (mut dq, mut sq) = (false, false);
+        loop {
+            let c = line.get(i).copied();
+            if dq {
+                match c {
+                    None => return None,
+                    Some(b'\\') if line.get(i + 1) == Some(&b'x') => {
+                        match (hex(line.get(i + 2)), hex(line.get(i + 3))) {
+                            (Some(h), Some(l)) => {
+                                cur.push((h << 4 | l) as u8);
+                                i += 3;
+                            }
+                            _ => {
+                                cur.push(b'x');
+                                i += 1;
+                            }
+                        }
+                    }
+                    Some(b'\\') if i + 1 < line.len() => {
+                        i += 1;
+                        cur.push(match line[i] {
+                            b'n' => b'\n',
+                            b'r' => b'\r',
+                            b't' => b'\t',
+                            b'b' => 0x08,
+                            b'a' => 0x07,
+                            other => other,
+                        });
+                    }
+                    Some(b'"') => {
+                        if line.get(i + 1).is_some_and(|&b| !space(b)) {
+                            return None;
+                        }
+                        i += 1;
+                        break;
+                    }
+                    Some(b) => cur.push(b),
+                }
+            } else if sq {
+                match c {
+                    None => return None,
+                    Some(b'\\') if line.get(i + 1) == Some(&b'\'') => {
+                        cur.push(b'\'');
+                        i += 1;
+                    }
+                    Some(b'\'') => {
+                        if line.get(i + 1).is_some_and(|&b| !space(b)) {
+                            return None;
+                        }
+                        i += 1;
+                        break;
+                    }
+                    Some(b) => cur.push(b),
+                }
+            } else {
+                match c {
+                    None | Some(b' ' | b'\n' | b'\r' | b'\t') => break,
+                    Some(b'"') => dq = true,
+                    Some(b'\'') => sq = true,
+                    Some(b) => cur.push(b),
+                }
+            }
+            i += 1;
+        }
+        if args.len() < MAX_KEPT_ARGS {
+            args.push(Zeroizing::new(std::mem::take(&mut *cur)));
+        } else {
+            cur.zeroize();
+            cur.clear();
+        }
+    }
+}
+
 /// Parses `*N\r\n` or `$N\r\n` at the start of `b`: `(N, bytes used)`, or None if incomplete.
 fn length_line(b: &[u8]) -> Result<Option<(i64, usize)>, ParseError> {
     let Some(eol) = b.iter().take(MAX_LENGTH_LINE).position(|&c| c == b'\n') else {
@@ -345,8 +452,95 @@ mod tests {
         }
     }
 
+    fn inline(line: &[u8]) -> Option<Vec<Vec<u8>>> {
+        split_inline(line).map(|a| a.iter().map(|a| a.to_vec()).collect())
+    }
+
+    #[test]
+    fn inline_commands_are_split_as_redis_does() {
+        let v = |a: &[&[u8]]| Some(a.iter().map(|a| a.to_vec()).collect::<Vec<_>>());
+        assert_eq!(inline(br#"AUTH "a b""#), v(&[b"AUTH", b"a b"]));
+        assert_eq!(
+            inline(b"  AUTH\tuser   pass  "),
+            v(&[b"AUTH", b"user", b"pass"])
+        );
+        assert_eq!(inline(br"AUTH 'it\'s' x"), v(&[b"AUTH", b"it's", b"x"]));
+        assert_eq!(
+            inline(br#"AUTH "q\"\n\x41\xZ\\""#),
+            v(&[b"AUTH", b"q\"\nAxZ\\"])
+        );
+        assert_eq!(inline(br#"AUTH pa"ss wo""#), v(&[b"AUTH", b"pass wo"]));
+        assert_eq!(inline(b"AUTH ''"), v(&[b"AUTH", b""]));
+        assert_eq!(inline(b"AUTH x\0 y"), v(&[b"AUTH", b"x"]));
+        // Refused by redis: unbalanced, or a closing quote not ending the argument.
+        assert_eq!(inline(br#"AUTH "a b"#), None);
+        assert_eq!(inline(br#"AUTH "a"b"#), None);
+        assert_eq!(inline(br#"AUTH pa"ss wo"rd"#), None);
+        assert_eq!(inline(b"AUTH 'a"), None);
+        assert_eq!(inline(b""), v(&[]));
+        let many = "a ".repeat(MAX_KEPT_ARGS * 2);
+        assert_eq!(inline(many.as_bytes()).unwrap().len(), MAX_KEPT_ARGS);
+    }
+
+    proptest::proptest! {
+        /// Any arguments, quoted as redis-cli would (every byte `\\xHH`, or single quotes),
+        /// come back whole.
+        #[test]
+        fn quoted_arguments_round_trip(
+            args in proptest::collection::vec(proptest::collection::vec(1u8.., 0..40), 1..MAX_KEPT_ARGS),
+            single in proptest::bool::ANY,
+        ) {
+            let line: Vec<u8> = args
+                .iter()
+                .map(|a| {
+                    if single {
+                        let mut q = vec![b'\''];
+                        for &b in a {
+                            if b == b'\'' {
+                                q.extend(b"\\'");
+                            } else {
+                                q.push(b);
+                            }
+                        }
+                        q.push(b'\'');
+                        q
+                    } else {
+                        let hex: String = a.iter().map(|b| format!("\\x{b:02x}")).collect();
+                        format!("\"{hex}\"").into_bytes()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(&b" "[..]);
+            // Single quotes keep every byte but `\\'`; a `\\` before a closing quote would
+            // escape it, as in redis.
+            let ends_escaped = single && args.iter().any(|a| a.last() == Some(&b'\\'));
+            let got = inline(&line);
+            if !ends_escaped {
+                proptest::prop_assert_eq!(got, Some(args));
+            }
+        }
+    }
+
+    #[test]
+    fn quoted_inline_auth_is_one_password_not_a_user() {
+        let pw = format!("canary {}", std::process::id());
+        let line = format!("AUTH \"{pw}\"\r\nAUTH app 'p w'\r\nAUTH \"unbalanced\r\n");
+        let got = logins(&[line.as_bytes()]);
+        assert_eq!(
+            got,
+            [
+                ("AUTH", None, pw.into_bytes()),
+                ("AUTH", Some("app".into()), b"p w".to_vec()),
+            ]
+        );
+    }
+
     #[test]
     fn sniffing() {
+        assert_eq!(sniff(b"  AUTH x"), Some(true));
+        assert_eq!(sniff(b"AUTH"), None);
+        assert_eq!(sniff(b"AUTHX"), Some(false));
+        assert_eq!(sniff(b"hello\t3"), Some(true));
         assert_eq!(sniff(b"*"), None);
         assert_eq!(sniff(b"*2\r"), None);
         assert_eq!(sniff(b"*2\r\n$4\r\nAUTH"), Some(true));
