@@ -308,7 +308,7 @@ mod tests {
     }
 
     /// The most any parser holds between calls, beyond the last chunk.
-    const BOUND: usize = 2 * http2::MAX_HEADER_BLOCK + 64;
+    const BOUND: usize = http2::MAX_BUFFERED + 64;
 
     proptest! {
         #[test]
