@@ -229,8 +229,8 @@ impl Http2Parser {
         self.small_len + self.tail.len()
     }
 
-    /// RFC 7541 size of the fields an unfinished header block has decoded so far (at most
-    /// [`hpack::MAX_HEADER_LIST`] plus one field).
+    /// RFC 7541 size of the fields an unfinished header block holds decoded so far (at most
+    /// [`hpack::MAX_HEADER_LIST`]).
     pub fn decoded_held(&self) -> usize {
         if self.fields.over_limit {
             0
