@@ -526,7 +526,7 @@ fn message(fields: Vec<Header>) -> Option<Message> {
         let text = || String::from_utf8_lossy(&h.value).into_owned();
         match h.name.as_str() {
             ":method" => method = Some(text()),
-            ":path" => path = text(),
+            ":path" => path = super::target_string(&h.value),
             ":authority" => host = Some(text()),
             ":status" => {
                 status = std::str::from_utf8(&h.value)
@@ -959,10 +959,11 @@ pub(crate) mod tests {
         assert_eq!(p.stats.blocks_lost, 0);
     }
 
-    /// A path that is not UTF-8 reaches the rest of the monitor as HTTP/1 paths do: a
-    /// `String`, converted lossily, never a panic on its first character.
+    /// A path that is not UTF-8 (nginx accepts it) reaches the rest of the monitor as an
+    /// HTTP/1 target does: percent-encoded, so its first character is one octet and a query
+    /// token in it decodes to the octets sent.
     #[test]
-    fn paths_that_are_not_utf8_are_converted_lossily() {
+    fn paths_that_are_not_utf8_are_percent_encoded() {
         let mut b = vec![0x82, 0x04, 0x03, 0xff, b'/', b'x'];
         b.extend(lit("x-k", "v"));
         let mut s = PREFACE.to_vec();
@@ -970,10 +971,7 @@ pub(crate) mod tests {
         let mut p = Http2Parser::new(true);
         let mut out = Vec::new();
         p.feed(&s, &mut out).unwrap();
-        assert_eq!(
-            requests(&out),
-            [("GET".into(), "\u{fffd}/x".into(), None, 1)]
-        );
+        assert_eq!(requests(&out), [("GET".into(), "%FF/x".into(), None, 1)]);
     }
 
     #[test]
