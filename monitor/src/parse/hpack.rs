@@ -9,7 +9,7 @@
 //! the newest entries of the real table; a reference past them is *unknown* rather than an
 //! error: the field is skipped and counted, the rest of the block still decodes.
 
-mod huffman;
+pub mod huffman;
 
 use std::collections::VecDeque;
 
@@ -23,6 +23,19 @@ pub const MAX_TABLE: usize = 64 * 1024;
 pub const DEFAULT_TABLE: usize = 4096;
 /// RFC 7541 §4.1: each entry costs its name and value plus 32.
 const ENTRY_OVERHEAD: usize = 32;
+/// What nginx accepts in one header block by default: `large_client_header_buffers 4 8k`
+/// (the sum of name and value lengths, without overhead).
+const NGINX_HEADER_LIMIT: usize = 4 * 8 * 1024;
+/// Decoded size of one header block (RFC 7541 §4.1 sizes: name + value + 32 per field, as
+/// SETTINGS_MAX_HEADER_LIST_SIZE counts) past which its fields are no longer kept. Large enough
+/// for anything nginx accepts by default, even as one-octet fields: each field costs nginx at
+/// least one octet of its limit, so at most `NGINX_HEADER_LIMIT` fields of 33 octets here.
+pub const MAX_HEADER_LIST: usize = NGINX_HEADER_LIMIT * (1 + ENTRY_OVERHEAD);
+/// Longest string literal (encoded octets) decoded; nginx refuses more than 8 KiB by default.
+/// A block stays decodable frame by frame while its undecoded rest holds at most one field.
+pub const MAX_STRING: usize = 32 * 1024;
+/// The most a field can take on the wire: representation, two length prefixes, two strings.
+pub const MAX_FIELD: usize = 2 * MAX_STRING + 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HpackError {
@@ -36,6 +49,11 @@ pub enum HpackError {
     BadIndex,
     /// A dynamic table size update above what SETTINGS (or [`MAX_TABLE`]) allows.
     TableSizeTooLarge,
+    /// A string literal longer than [`MAX_STRING`].
+    StringTooLong,
+    /// The block decodes to more than [`MAX_HEADER_LIST`]: its fields were dropped, the table
+    /// is still in step.
+    HeaderListTooLarge,
 }
 
 impl std::fmt::Display for HpackError {
@@ -46,18 +64,67 @@ impl std::fmt::Display for HpackError {
             HpackError::BadHuffman => "hpack: bad huffman code",
             HpackError::BadIndex => "hpack: bad index",
             HpackError::TableSizeTooLarge => "hpack: table size update above the limit",
+            HpackError::StringTooLong => "hpack: string literal too long",
+            HpackError::HeaderListTooLarge => "hpack: header list too large",
         })
     }
 }
 
+impl std::error::Error for HpackError {}
+
+/// A dynamic table entry: name and value in one allocation, both as the raw octets of the
+/// wire, since RFC 7541 §4.1 sizes entries by them.
 struct Entry {
-    name: Box<str>,
-    value: Zeroizing<Vec<u8>>,
+    data: Zeroizing<Box<[u8]>>,
+    name_len: usize,
 }
 
 impl Entry {
+    fn new(name: &[u8], value: &[u8]) -> Self {
+        let mut data = Vec::with_capacity(name.len() + value.len());
+        data.extend_from_slice(name);
+        data.extend_from_slice(value);
+        Entry {
+            data: Zeroizing::new(data.into_boxed_slice()),
+            name_len: name.len(),
+        }
+    }
+
     fn size(&self) -> usize {
-        self.name.len() + self.value.len() + ENTRY_OVERHEAD
+        self.data.len() + ENTRY_OVERHEAD
+    }
+
+    fn name(&self) -> &[u8] {
+        &self.data[..self.name_len]
+    }
+
+    fn value(&self) -> &[u8] {
+        &self.data[self.name_len..]
+    }
+}
+
+/// The fields of one header block, decoded so far (a block may arrive in several frames).
+#[derive(Debug, Default)]
+pub struct Fields {
+    pub headers: Vec<Header>,
+    /// RFC 7541 §4.1 size of every field decoded, kept or not.
+    pub list_size: usize,
+    /// Past [`MAX_HEADER_LIST`]: no field is kept any more; the table is still maintained.
+    pub over_limit: bool,
+    /// Fields that refer to dynamic entries this decoder never saw.
+    pub unknown: u32,
+}
+
+impl Fields {
+    /// Counts a field against the block's limit; whether it may still be kept.
+    fn admit(&mut self, name: usize, value: usize) -> bool {
+        self.list_size = self.list_size.saturating_add(name + value + ENTRY_OVERHEAD);
+        if !self.over_limit && self.list_size > MAX_HEADER_LIST {
+            self.over_limit = true;
+            // Zeroed as they drop: no half block is reported, and its memory goes now.
+            self.headers = Vec::new();
+        }
+        !self.over_limit
     }
 }
 
@@ -90,6 +157,17 @@ impl Default for Decoder {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// A field's raw name and value.
+type NameValue<'a> = (&'a [u8], &'a [u8]);
+
+/// Where a string literal lies in the input, not yet decoded.
+#[derive(Clone, Copy)]
+struct Literal {
+    huffman: bool,
+    start: usize,
+    end: usize,
 }
 
 impl Decoder {
@@ -132,70 +210,118 @@ impl Decoder {
     }
 
     /// Decodes one complete header block. Fields that refer to unknown dynamic entries are
-    /// skipped and counted in the returned number. On error the table may hold part of the
-    /// block's insertions, so the caller should [`desync`](Self::desync).
+    /// skipped and counted in the returned number. On [`HpackError::HeaderListTooLarge`] the
+    /// table is in step; on any other error it may hold part of the block's insertions, so
+    /// the caller should [`desync`](Self::desync).
     pub fn decode(&mut self, block: &[u8], out: &mut Vec<Header>) -> Result<u32, HpackError> {
-        let mut unknown = 0;
-        let mut pos = 0;
-        while pos < block.len() {
-            let b = block[pos];
-            if b & 0x80 != 0 {
-                // Indexed field.
-                let idx = integer(block, &mut pos, 7)?;
-                match self.get(idx)? {
-                    Some((name, value)) => out.push(header(name, value)),
-                    None => unknown += 1,
-                }
-            } else if b & 0xe0 == 0x20 {
-                let size = integer(block, &mut pos, 5)?;
-                if size > self.limit {
-                    return Err(HpackError::TableSizeTooLarge);
-                }
-                self.max_size = size;
-                self.evict(0);
-            } else {
-                // Literal: with incremental indexing (01), without (0000) or never indexed
-                // (0001).
-                let (prefix, index) = if b & 0x40 != 0 { (6, true) } else { (4, false) };
-                let name_idx = integer(block, &mut pos, prefix)?;
-                let name: Option<Box<str>> = if name_idx == 0 {
-                    let raw = string(block, &mut pos)?;
-                    Some(String::from_utf8_lossy(&raw).to_ascii_lowercase().into())
-                } else {
-                    self.get(name_idx)?.map(|(n, _)| n.into())
-                };
-                let value = string(block, &mut pos)?;
-                match name {
-                    Some(name) => {
-                        out.push(header(&name, &value));
-                        if index {
-                            self.insert(Entry { name, value });
-                        }
-                    }
-                    None => {
-                        unknown += 1;
-                        if index {
-                            // The real table got an entry we cannot name: everything older
-                            // is now at a different index, so the table is of no use.
-                            self.desync();
-                        }
-                    }
-                }
-            }
+        let mut fields = Fields::default();
+        if self.decode_partial(block, &mut fields)? < block.len() {
+            return Err(HpackError::Truncated);
         }
-        Ok(unknown)
+        if fields.over_limit {
+            return Err(HpackError::HeaderListTooLarge);
+        }
+        out.append(&mut fields.headers);
+        Ok(fields.unknown)
     }
 
-    /// Looks an index up: `Ok(None)` when it is past what an incomplete decoder knows.
-    fn get(&self, idx: usize) -> Result<Option<(&str, &[u8])>, HpackError> {
+    /// Decodes the complete fields at the start of `buf` (part of a header block), adding them
+    /// to `fields`; returns how many bytes they took. The rest, a field cut by the end of a
+    /// frame, is left for the caller to present again with the bytes that follow it: nothing
+    /// of it has been applied. Errors are as for [`decode`](Self::decode).
+    pub fn decode_partial(&mut self, buf: &[u8], fields: &mut Fields) -> Result<usize, HpackError> {
+        let mut pos = 0;
+        while pos < buf.len() {
+            let mut at = pos;
+            match self.field(buf, &mut at, fields) {
+                Ok(()) => pos = at,
+                Err(HpackError::Truncated) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(pos)
+    }
+
+    /// One field representation. Every length is checked against `buf` before anything is
+    /// decoded or applied, so a `Truncated` field has changed nothing and costs no decoding.
+    fn field(
+        &mut self,
+        buf: &[u8],
+        pos: &mut usize,
+        fields: &mut Fields,
+    ) -> Result<(), HpackError> {
+        let b = buf[*pos];
+        if b & 0x80 != 0 {
+            // Indexed field.
+            let idx = integer(buf, pos, 7)?;
+            match self.get(idx)? {
+                Some((name, value)) => {
+                    if fields.admit(name.len(), value.len()) {
+                        fields.headers.push(header(name, value));
+                    }
+                }
+                None => fields.unknown += 1,
+            }
+            return Ok(());
+        }
+        if b & 0xe0 == 0x20 {
+            let size = integer(buf, pos, 5)?;
+            if size > self.limit {
+                return Err(HpackError::TableSizeTooLarge);
+            }
+            self.max_size = size;
+            self.evict(0);
+            return Ok(());
+        }
+        // Literal: with incremental indexing (01), without (0000) or never indexed (0001).
+        let (prefix, index) = if b & 0x40 != 0 { (6, true) } else { (4, false) };
+        let name_idx = integer(buf, pos, prefix)?;
+        let name_lit = if name_idx == 0 {
+            Some(literal(buf, pos)?)
+        } else {
+            None
+        };
+        let value_lit = literal(buf, pos)?;
+        // The whole field is here: from now on it is applied.
+        if !index && fields.over_limit {
+            // Neither kept nor entered into the table: nothing of it needs decoding (an
+            // over-limit block is dropped whole).
+            return Ok(());
+        }
+        let name: Option<Zeroizing<Vec<u8>>> = match name_lit {
+            Some(l) => Some(l.decode(buf)?),
+            None => self.get(name_idx)?.map(|(n, _)| Zeroizing::new(n.to_vec())),
+        };
+        let Some(name) = name else {
+            fields.unknown += 1;
+            if index {
+                // The real table got an entry we cannot name: everything older is now at a
+                // different index, so the table is of no use.
+                self.desync();
+            }
+            return Ok(());
+        };
+        let value = value_lit.decode(buf)?;
+        if fields.admit(name.len(), value.len()) {
+            fields.headers.push(header(&name, &value));
+        }
+        if index {
+            self.insert(Entry::new(&name, &value));
+        }
+        Ok(())
+    }
+
+    /// Looks an index up (raw name, value): `Ok(None)` when it is past what an incomplete
+    /// decoder knows.
+    fn get(&self, idx: usize) -> Result<Option<NameValue<'_>>, HpackError> {
         if idx == 0 {
             return Err(HpackError::BadIndex);
         }
         if let Some(&(n, v)) = STATIC.get(idx - 1) {
-            return Ok(Some((n, v.as_bytes())));
+            return Ok(Some((n.as_bytes(), v.as_bytes())));
         }
         match self.table.get(idx - 1 - STATIC.len()) {
-            Some(e) => Ok(Some((&e.name, &e.value))),
+            Some(e) => Ok(Some((e.name(), e.value()))),
             None if self.complete => Err(HpackError::BadIndex),
             None => Ok(None),
         }
@@ -225,11 +351,10 @@ impl Decoder {
     }
 }
 
-fn header(name: &str, value: &[u8]) -> Header {
-    Header {
-        name: name.to_string(),
-        value: Zeroizing::new(value.to_vec()),
-    }
+/// A field as the rest of the monitor sees it: names lower-cased and, when not UTF-8, converted
+/// lossily, as HTTP/1 header names are. Only the table keeps the raw octets.
+fn header(name: &[u8], value: &[u8]) -> Header {
+    Header::new(&String::from_utf8_lossy(name), value)
 }
 
 /// RFC 7541 §5.1 integer with an N-bit prefix. Values past 2^28 are refused: no length or
@@ -253,22 +378,38 @@ fn integer(buf: &[u8], pos: &mut usize, prefix: u8) -> Result<usize, HpackError>
     Err(HpackError::IntegerOverflow)
 }
 
-/// RFC 7541 §5.2 string literal; its length is checked against the block before anything is
-/// allocated.
-fn string(buf: &[u8], pos: &mut usize) -> Result<Zeroizing<Vec<u8>>, HpackError> {
+/// RFC 7541 §5.2 string literal: where it lies, once its length is known to be sane and all of
+/// it present.
+fn literal(buf: &[u8], pos: &mut usize) -> Result<Literal, HpackError> {
     let huffman = *buf.get(*pos).ok_or(HpackError::Truncated)? & 0x80 != 0;
     let len = integer(buf, pos, 7)?;
-    let raw = buf
-        .get(*pos..pos.saturating_add(len))
-        .ok_or(HpackError::Truncated)?;
-    *pos += len;
-    if !huffman {
-        return Ok(Zeroizing::new(raw.to_vec()));
+    if len > MAX_STRING {
+        return Err(HpackError::StringTooLong);
     }
-    // The shortest code is 5 bits: the output is at most 8/5 of the input.
-    let mut out = Zeroizing::new(Vec::with_capacity(len * 8 / 5 + 1));
-    huffman::decode(raw, &mut out).map_err(|_| HpackError::BadHuffman)?;
-    Ok(out)
+    let start = *pos;
+    let end = start + len;
+    if end > buf.len() {
+        return Err(HpackError::Truncated);
+    }
+    *pos = end;
+    Ok(Literal {
+        huffman,
+        start,
+        end,
+    })
+}
+
+impl Literal {
+    fn decode(self, buf: &[u8]) -> Result<Zeroizing<Vec<u8>>, HpackError> {
+        let raw = &buf[self.start..self.end];
+        if !self.huffman {
+            return Ok(Zeroizing::new(raw.to_vec()));
+        }
+        // The shortest code is 5 bits: the output is at most 8/5 of the input.
+        let mut out = Zeroizing::new(Vec::with_capacity(raw.len() * 8 / 5 + 1));
+        huffman::decode(raw, &mut out).map_err(|_| HpackError::BadHuffman)?;
+        Ok(out)
+    }
 }
 
 /// RFC 7541 Appendix A.
@@ -473,6 +614,66 @@ mod tests {
         );
         assert_eq!(out.len(), 1);
         assert!(!d.is_complete());
+    }
+
+    /// Past the header list limit nothing more is kept, yet every insertion still happens:
+    /// the next block's references resolve.
+    #[test]
+    fn header_list_limit_drops_fields_but_keeps_the_table() {
+        let mut d = Decoder::new();
+        // ":method: GET" costs 42: 30,000 of them are past the limit.
+        let mut block = vec![0x82; 30_000];
+        block.extend([0x40, 7]);
+        block.extend(b"x-after");
+        block.extend([1, b'1']);
+        let mut out = Vec::new();
+        assert_eq!(
+            d.decode(&block, &mut out),
+            Err(HpackError::HeaderListTooLarge)
+        );
+        assert!(out.is_empty());
+        assert_eq!(d.table_size(), 7 + 1 + 32);
+        assert_eq!(fields(&mut d, &[0xbe]), pairs(&[("x-after", "1")]));
+        // A block just under the limit is kept whole.
+        let n = (MAX_HEADER_LIST - 40) / 42;
+        let mut block = vec![0x82; n];
+        block.push(0xbe);
+        assert_eq!(d.decode(&block, &mut out), Ok(0));
+        assert_eq!(out.len(), n + 1);
+    }
+
+    /// Block fragments decode field by field: a field cut anywhere is left whole, unapplied.
+    #[test]
+    fn partial_blocks_leave_cut_fields_untouched() {
+        let r1 = hex("828684418cf1e3c2e5f23a6ba0ab90f4ff");
+        for cut in 0..r1.len() {
+            let mut d = Decoder::new();
+            let mut f = Fields::default();
+            let n = d.decode_partial(&r1[..cut], &mut f).unwrap();
+            assert!(n <= cut);
+            let mut rest = r1[n..].to_vec();
+            let m = d.decode_partial(&rest, &mut f).unwrap();
+            assert_eq!(m, rest.len(), "cut {cut}");
+            rest.clear();
+            assert_eq!(f.headers.len(), 4);
+            assert_eq!(d.table_size(), 57);
+        }
+        let mut f = Fields::default();
+        assert_eq!(
+            Decoder::new().decode_partial(&[0x00, 0x7f, 0xff, 0xff, 0x01], &mut f),
+            Err(HpackError::StringTooLong)
+        );
+    }
+
+    /// Names are stored and sized as their raw octets, only the reported name is converted.
+    #[test]
+    fn entries_are_sized_by_raw_octets() {
+        let mut d = Decoder::new();
+        let mut out = Vec::new();
+        d.decode(&[0x40, 2, 0xff, 0xfe, 1, b'v'], &mut out).unwrap();
+        assert_eq!(d.table_size(), 2 + 1 + 32);
+        assert_eq!(out[0].name, "\u{fffd}\u{fffd}");
+        assert_eq!(d.table[0].name(), [0xff, 0xfe]);
     }
 
     #[test]

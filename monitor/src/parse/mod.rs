@@ -244,6 +244,27 @@ impl Parser {
     }
 }
 
+/// A request target as text, the same for every protocol: valid UTF-8 kept, other bytes and
+/// ASCII controls percent-encoded, so a path nginx accepts is never a reason to drop the
+/// request, and query values still decode (and fingerprint) byte for byte.
+pub(crate) fn target_string(target: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(target.len());
+    for chunk in target.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c.is_ascii_control() {
+                let _ = write!(out, "%{:02X}", c as u8);
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
 /// Drops the first `n` bytes of a parser's buffer, zeroed first: they may hold credentials,
 /// and a drained `Vec` would leave them behind in freed or spare capacity.
 pub(crate) fn release_consumed(buf: &mut Vec<u8>, n: usize) {
@@ -329,7 +350,7 @@ mod tests {
     }
 
     /// The most any parser holds between calls, beyond the last chunk.
-    const BOUND: usize = 2 * http2::MAX_HEADER_BLOCK + 64;
+    const BOUND: usize = http2::MAX_BUFFERED + 64;
 
     proptest! {
         #[test]

@@ -97,7 +97,7 @@ fn table() -> &'static Table {
 }
 
 /// Decodes `src`, appending to `out`. `Err(())` on any invalid code or padding.
-pub fn decode(src: &[u8], out: &mut Vec<u8>) -> Result<(), ()> {
+pub(crate) fn decode(src: &[u8], out: &mut Vec<u8>) -> Result<(), ()> {
     let t = table();
     let mut at = 0usize;
     for &byte in src {
@@ -113,6 +113,24 @@ pub fn decode(src: &[u8], out: &mut Vec<u8>) -> Result<(), ()> {
         }
     }
     if t.accepts[at] { Ok(()) } else { Err(()) }
+}
+
+/// Encodes `src` (EOS-prefix padding): what a peer sends, for tests and fuzzing.
+pub fn encode(src: &[u8]) -> Vec<u8> {
+    let (mut acc, mut bits, mut out) = (0u64, 0u32, Vec::new());
+    for &b in src {
+        let (code, len) = CODES[b as usize];
+        acc = (acc << len) | code as u64;
+        bits += len as u32;
+        while bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    if bits > 0 {
+        out.push(((acc << (8 - bits)) | (0xff >> bits)) as u8);
+    }
+    out
 }
 
 #[rustfmt::skip]
@@ -197,24 +215,7 @@ mod tests {
         assert!(dec(&[0xff, 0xff, 0xff, 0xff]).is_err());
     }
 
-    /// Encodes with the code table itself: every symbol, any mix, round-trips.
-    fn encode(src: &[u8]) -> Vec<u8> {
-        let (mut acc, mut bits, mut out) = (0u64, 0u32, Vec::new());
-        for &b in src {
-            let (code, len) = CODES[b as usize];
-            acc = (acc << len) | code as u64;
-            bits += len as u32;
-            while bits >= 8 {
-                bits -= 8;
-                out.push((acc >> bits) as u8);
-            }
-        }
-        if bits > 0 {
-            out.push(((acc << (8 - bits)) | (0xff >> bits)) as u8);
-        }
-        out
-    }
-
+    /// Every symbol, any mix, round-trips through the encoder.
     #[test]
     fn every_symbol_round_trips() {
         let all: Vec<u8> = (0..=255).collect();
