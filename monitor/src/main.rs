@@ -3,6 +3,7 @@
 mod outputs;
 mod replay;
 mod run;
+mod stdout;
 
 use clap::{Parser, Subcommand};
 

@@ -1,12 +1,7 @@
 //! What `run` and `replay` share after the pipeline: detection, and writing request records
 //! and alerts (stdout JSON lines, an alerts file).
 
-use std::{
-    io::{BufWriter, Write},
-    path::PathBuf,
-    sync::Arc,
-    time::Duration,
-};
+use std::{io::Write, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
@@ -83,7 +78,8 @@ pub fn load_rules(path: Option<&std::path::Path>) -> Result<Arc<Rules>> {
 pub struct Outputs {
     pub detector: Detector,
     args: DetectArgs,
-    stdout: BufWriter<std::io::Stdout>,
+    /// Live: a bounded queue that drops (counted) rather than block the capture loop.
+    stdout: crate::stdout::Stdout,
     /// Alerts file (rotated) and webhook, in the chosen alert format.
     notifier: Option<Notifier>,
     store: Option<Store>,
@@ -131,7 +127,7 @@ impl Outputs {
         Ok(Outputs {
             detector,
             args: args.clone(),
-            stdout: BufWriter::new(std::io::stdout()),
+            stdout: crate::stdout::Stdout::new(live),
             notifier: Some(notifier),
             store,
             alerts: Vec::new(),
@@ -202,6 +198,8 @@ impl Outputs {
             s.alert_render_errors = n.render_errors();
         }
         s.clickhouse = self.store.as_ref().map(|st| st.sink.stats());
+        s.stdout_dropped_lines = self.stdout.dropped;
+        s.stdout_queued_bytes = self.stdout.queued() as u64;
     }
 
     /// Final counts out, webhook drained (up to 5 s), state and learnt rules saved; returns
@@ -209,6 +207,7 @@ impl Outputs {
     pub fn finish(&mut self) -> Result<serde_json::Value> {
         self.detector.flush_counts(&mut self.alerts);
         self.write(&mut Vec::new());
+        self.stdout.finish(Duration::from_secs(2));
         let notify = self.notifier.take().map_or(serde_json::Value::Null, |n| {
             n.shutdown(Duration::from_secs(5))
         });
@@ -240,7 +239,9 @@ impl Outputs {
                 .with_context(|| format!("writing {}", p.display()))?;
             info!(path = %p.display(), "learnt rules written");
         }
-        Ok(serde_json::json!({"notify": notify, "clickhouse": ch_stats}))
+        Ok(
+            serde_json::json!({"notify": notify, "clickhouse": ch_stats, "stdout_dropped_lines": self.stdout.dropped}),
+        )
     }
 }
 
