@@ -128,18 +128,19 @@ async fn serve_metrics(
     exposed: std::sync::Arc<std::sync::Mutex<Exposed>>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut starved = false;
+    // Said at most once a minute, with the number of failed accepts since.
+    let mut last_warn: Option<std::time::Instant> = None;
+    let mut starved = 0u64;
     loop {
         let mut sock = match listener.accept().await {
-            Ok((sock, _)) => {
-                starved = false;
-                sock
-            }
+            Ok((sock, _)) => sock,
             // Out of fds (or memory): the connection stays in the backlog and the listener
             // stays readable, so retrying at once would spin. Wait for fds to come back.
             Err(e) if accept_starved(&e) => {
-                if !std::mem::replace(&mut starved, true) {
-                    warn!(error = %e, "metrics: cannot accept connections; retrying every 100 ms");
+                starved += 1;
+                if last_warn.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    last_warn = Some(std::time::Instant::now());
+                    warn!(error = %e, failed = std::mem::take(&mut starved), "metrics: cannot accept connections; retrying every 100 ms");
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
