@@ -178,7 +178,7 @@ impl Outputs {
             }
         }
         notifier.flush();
-        let _ = self.stdout.flush();
+        self.stdout.flush();
     }
 
     /// Periodic: close deduplication windows (their final counts are written).
