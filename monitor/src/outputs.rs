@@ -189,6 +189,11 @@ impl Outputs {
         }
     }
 
+    /// Lines stdout's reader did not take in time (for the exit summary).
+    pub fn stdout_dropped(&self) -> u64 {
+        self.stdout.dropped
+    }
+
     /// Detector and output counters for `/metrics`.
     pub fn fill_metrics(&self, s: &mut monitor::metrics::Snapshot) {
         s.detect = self.detector.stats.clone();
@@ -207,7 +212,6 @@ impl Outputs {
     pub fn finish(&mut self) -> Result<serde_json::Value> {
         self.detector.flush_counts(&mut self.alerts);
         self.write(&mut Vec::new());
-        self.stdout.finish(Duration::from_secs(2));
         let notify = self.notifier.take().map_or(serde_json::Value::Null, |n| {
             n.shutdown(Duration::from_secs(5))
         });

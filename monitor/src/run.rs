@@ -621,6 +621,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         "identity": identity.stats,
         "kube": pods.as_ref().map(|p| p.stats()),
         "record": recorder.as_ref().map(|r| &r.stats),
+        "stdout_dropped_lines": outputs.stdout_dropped(),
     });
     info!(summary = %summary, "monitor stopped");
     if lost > 0 {

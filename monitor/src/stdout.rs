@@ -117,7 +117,9 @@ impl Stdout {
         let Some(q) = self.queue.as_mut() else {
             return;
         };
-        q.tx = None;
+        if q.tx.take().is_none() {
+            return;
+        }
         let deadline = Instant::now() + timeout;
         while q.thread.as_ref().is_some_and(|t| !t.is_finished()) {
             if Instant::now() >= deadline {
@@ -132,6 +134,13 @@ impl Stdout {
         if let Some(t) = q.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+impl Drop for Stdout {
+    // At exit, after the last records and alerts were written.
+    fn drop(&mut self) {
+        self.finish(Duration::from_secs(2));
     }
 }
 
