@@ -243,9 +243,7 @@ impl Outputs {
                 .with_context(|| format!("writing {}", p.display()))?;
             info!(path = %p.display(), "learnt rules written");
         }
-        Ok(
-            serde_json::json!({"notify": notify, "clickhouse": ch_stats, "stdout_dropped_lines": self.stdout.dropped}),
-        )
+        Ok(serde_json::json!({"notify": notify, "clickhouse": ch_stats}))
     }
 }
 
