@@ -142,8 +142,16 @@ pub struct Event {
     pub call_len: u64,
     /// Offset of `data` within the call.
     pub offset: u32,
+    /// Captured bytes: plaintext, credentials included. Zeroed when the event is dropped.
     #[serde(with = "b64")]
     pub data: Vec<u8>,
+}
+
+impl Drop for Event {
+    // Every event's payload dies here, whichever way it took through the pipeline.
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.data);
+    }
 }
 
 impl Event {
@@ -244,6 +252,149 @@ fn decode_flow(f: &monitor_common::Flow) -> Option<Flow> {
     })
 }
 
+/// What `--record` managed to write: the event log on disk is best effort (a full disk
+/// drops events from it; capturing goes on).
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct LogWriteStats {
+    /// Events written to the log.
+    pub events: u64,
+    /// Events that could not be written (counted per batch that failed).
+    pub dropped: u64,
+    /// Failed writes per error kind (`StorageFull`, `QuotaExceeded`, ...).
+    pub errors: std::collections::BTreeMap<String, u64>,
+}
+
+/// The longest event log line read: the largest record the kernel sends is 4 KiB of data
+/// (5.5 KiB in base64), identity included a line stays far below this.
+pub const MAX_LOG_LINE: usize = 1 << 20;
+
+/// Why an event log line was not an event. Says where and what kind of problem, never the
+/// content: a line holds captured plaintext.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LogLineError {
+    #[error("line longer than {MAX_LOG_LINE} bytes")]
+    TooLong,
+    #[error("not UTF-8 (byte {offset})")]
+    NotUtf8 { offset: usize },
+    #[error("{category} at column {column}")]
+    Json {
+        /// `syntax`, `data` (a field of the wrong type or value), `eof`.
+        category: &'static str,
+        column: usize,
+    },
+    #[error("event log version {0} is newer than this monitor's {LOG_VERSION}")]
+    Version(u32),
+}
+
+impl Event {
+    /// Decodes one event log line (without its newline).
+    pub fn from_log_line(line: &[u8]) -> Result<Event, LogLineError> {
+        if line.len() > MAX_LOG_LINE {
+            return Err(LogLineError::TooLong);
+        }
+        // Checked first so that the error names the byte, not serde's wording.
+        let text = std::str::from_utf8(line).map_err(|e| LogLineError::NotUtf8 {
+            offset: e.valid_up_to(),
+        })?;
+        let ev: Event = serde_json::from_str(text).map_err(|e| LogLineError::Json {
+            // serde_json's message may quote the offending value: only its class is kept.
+            category: match e.classify() {
+                serde_json::error::Category::Io => "io",
+                serde_json::error::Category::Syntax => "syntax",
+                serde_json::error::Category::Data => "data",
+                serde_json::error::Category::Eof => "eof",
+            },
+            column: e.column(),
+        })?;
+        if ev.v > LOG_VERSION {
+            return Err(LogLineError::Version(ev.v));
+        }
+        Ok(ev)
+    }
+}
+
+/// Zeroes the bytes in use and empties `buf`, keeping its allocation (its spare capacity
+/// was zeroed when it was last in use).
+pub fn wipe(buf: &mut Vec<u8>) {
+    zeroize::Zeroize::zeroize(buf.as_mut_slice());
+    buf.clear();
+}
+
+/// Reads an event log line by line, each line bounded by [`MAX_LOG_LINE`] (a longer one is
+/// skipped without being held), blank lines skipped. Yields `(line number, event or why
+/// not)`; only an I/O error of the reader itself ends it.
+pub struct LogReader<R> {
+    input: R,
+    line: u64,
+    buf: zeroize::Zeroizing<Vec<u8>>,
+}
+
+impl<R: std::io::BufRead> LogReader<R> {
+    pub fn new(input: R) -> Self {
+        LogReader {
+            input,
+            line: 0,
+            buf: zeroize::Zeroizing::new(Vec::new()),
+        }
+    }
+
+    /// Reads one line into `buf`, or past it when it is too long; `Ok(None)` at the end.
+    fn read_line(&mut self) -> std::io::Result<Option<bool>> {
+        wipe(&mut self.buf);
+        let mut too_long = false;
+        let mut any = false;
+        loop {
+            let chunk = match self.input.fill_buf() {
+                Ok(c) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if chunk.is_empty() {
+                return Ok(any.then_some(too_long));
+            }
+            any = true;
+            let (take, end) = match chunk.iter().position(|&b| b == b'\n') {
+                Some(i) => (i, true),
+                None => (chunk.len(), false),
+            };
+            if !too_long {
+                if self.buf.len() + take > MAX_LOG_LINE {
+                    too_long = true;
+                    wipe(&mut self.buf);
+                } else {
+                    self.buf.extend_from_slice(&chunk[..take]);
+                }
+            }
+            self.input.consume(take + end as usize);
+            if end {
+                return Ok(Some(too_long));
+            }
+        }
+    }
+}
+
+impl<R: std::io::BufRead> Iterator for LogReader<R> {
+    type Item = std::io::Result<(u64, Result<Event, LogLineError>)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let too_long = match self.read_line() {
+                Ok(None) => return None,
+                Ok(Some(t)) => t,
+                Err(e) => return Some(Err(e)),
+            };
+            self.line += 1;
+            if too_long {
+                return Some(Ok((self.line, Err(LogLineError::TooLong))));
+            }
+            if self.buf.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            return Some(Ok((self.line, Event::from_log_line(&self.buf))));
+        }
+    }
+}
+
 mod b64 {
     use base64::{Engine, engine::general_purpose::STANDARD};
     use serde::{Deserialize, Deserializer, Serializer};
@@ -308,6 +459,63 @@ mod tests {
         assert_eq!(back.data, e.data);
         assert_eq!(back.flow, e.flow);
         assert_eq!(back.v, LOG_VERSION);
+    }
+
+    #[test]
+    fn bad_log_lines_are_skipped_with_their_number_and_no_content() {
+        let good = serde_json::to_string(&Event::decode(&raw(5, AF_INET)).unwrap()).unwrap();
+        // A secret in a field of the wrong type: serde_json would quote it in its message.
+        let wrong_type = good.replace(
+            r#""comm":"curl""#,
+            r#""comm":"s3cr3t-value","pid":"s3cr3t""#,
+        );
+        let mut log = Vec::new();
+        log.extend_from_slice(good.as_bytes());
+        log.extend_from_slice(b"\n\xff\xfes3cr3t\n\n   \n");
+        log.extend_from_slice(wrong_type.as_bytes());
+        log.extend_from_slice(b"\n{\"kind\":\"s3cr3t\"}\n");
+        log.extend(std::iter::repeat_n(b'x', MAX_LOG_LINE + 10));
+        log.extend_from_slice(b"\n");
+        log.extend_from_slice(good.as_bytes());
+        let got: Vec<_> = LogReader::new(&log[..]).map(Result::unwrap).collect();
+        let lines: Vec<u64> = got.iter().map(|(n, _)| *n).collect();
+        assert_eq!(lines, [1, 2, 5, 6, 7, 8]);
+        assert!(got[0].1.is_ok() && got[5].1.is_ok());
+        assert_eq!(
+            got[1].1.as_ref().unwrap_err(),
+            &LogLineError::NotUtf8 { offset: 0 }
+        );
+        assert!(matches!(
+            got[2].1,
+            Err(LogLineError::Json {
+                category: "data",
+                ..
+            })
+        ));
+        assert!(matches!(
+            got[3].1,
+            Err(LogLineError::Json {
+                category: "data",
+                ..
+            })
+        ));
+        assert_eq!(got[4].1.as_ref().unwrap_err(), &LogLineError::TooLong);
+        for (_, r) in &got {
+            if let Err(e) = r {
+                let text = format!("{e} {e:?}");
+                assert!(!text.contains("s3cr3t"), "{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_last_line_without_newline_is_read() {
+        let good = serde_json::to_string(&Event::decode(&raw(5, AF_INET)).unwrap()).unwrap();
+        let got: Vec<_> = LogReader::new(good.as_bytes())
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(got.len(), 1);
+        assert!(got[0].1.is_ok());
     }
 
     #[test]

@@ -4,6 +4,7 @@ mod explain;
 mod outputs;
 mod replay;
 mod run;
+mod stdout;
 
 use clap::{Parser, Subcommand};
 

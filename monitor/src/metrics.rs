@@ -68,6 +68,11 @@ pub struct Snapshot {
     pub webhook: Option<WebhookStats>,
     pub alerts_file: Option<FileStats>,
     pub alert_render_errors: u64,
+    /// Lines (records, alerts) stdout's reader did not take in time.
+    pub stdout_dropped_lines: u64,
+    pub stdout_queued_bytes: u64,
+    /// `--record`: what reached the event log.
+    pub record: Option<crate::event::LogWriteStats>,
 }
 
 impl Snapshot {
@@ -448,6 +453,58 @@ impl Snapshot {
             "Connections dropped to bound memory (least recently used first).",
             p.conns_evicted,
         )?;
+        o.counter(
+            "connections_expired",
+            "Connections forgotten after a long time without events (their close was not seen).",
+            p.conns_expired,
+        )?;
+        o.counter(
+            "connection_budget_resets",
+            "Streams reset because their connection held more than its byte budget.",
+            p.conn_budget_resets,
+        )?;
+        o.gauge_unit(
+            "pipeline_held",
+            "Bytes held by all tracked connections (bounded by the node budget).",
+            Some(&Unit::Bytes),
+            p.bytes_held as u64,
+        )?;
+        o.gauge(
+            "tls_connections_bound",
+            "TLS connections whose socket is known.",
+            p.tls_bound as u64,
+        )?;
+        o.counter(
+            "stdout_dropped_lines",
+            "Lines (records, alerts) dropped because stdout was not read fast enough.",
+            s.stdout_dropped_lines,
+        )?;
+        o.gauge_unit(
+            "stdout_queued",
+            "Bytes printed and not yet taken by stdout's reader.",
+            Some(&Unit::Bytes),
+            s.stdout_queued_bytes,
+        )?;
+        if let Some(r) = &s.record {
+            o.counter(
+                "record_events",
+                "Events written to the --record event log.",
+                r.events,
+            )?;
+            o.counter(
+                "record_dropped_events",
+                "Events missing from the --record event log (best effort: a failed write drops its batch; capturing goes on).",
+                r.dropped,
+            )?;
+            o.counters(
+                "record_write_errors",
+                "Failed writes to the --record event log, per error kind.",
+                None,
+                r.errors
+                    .iter()
+                    .map(|(k, v)| (labels([("kind", k.as_str())]), *v)),
+            )?;
+        }
         o.counters(
             "credentials",
             "Credentials found, per kind (fingerprinted, never exported).",

@@ -1,12 +1,7 @@
 //! What `run` and `replay` share after the pipeline: detection, and writing request records
 //! and alerts (stdout JSON lines, an alerts file).
 
-use std::{
-    io::{BufWriter, Write},
-    path::PathBuf,
-    sync::Arc,
-    time::Duration,
-};
+use std::{io::Write, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Result;
 use clap::{Args, ValueEnum};
@@ -84,7 +79,8 @@ pub fn load_rules(path: Option<&std::path::Path>) -> Result<Arc<Rules>> {
 pub struct Outputs {
     pub detector: Detector,
     args: DetectArgs,
-    stdout: BufWriter<std::io::Stdout>,
+    /// Live: a bounded queue that drops (counted) rather than block the capture loop.
+    stdout: crate::stdout::Stdout,
     /// Alerts file (rotated) and webhook, in the chosen alert format.
     notifier: Option<Notifier>,
     store: Option<Store>,
@@ -151,7 +147,7 @@ impl Outputs {
         Ok(Outputs {
             detector,
             args: args.clone(),
-            stdout: BufWriter::new(std::io::stdout()),
+            stdout: crate::stdout::Stdout::new(live),
             notifier: Some(notifier),
             store,
             alerts: Vec::new(),
@@ -202,7 +198,7 @@ impl Outputs {
             }
         }
         notifier.flush();
-        let _ = self.stdout.flush();
+        self.stdout.flush();
     }
 
     /// Periodic: close deduplication windows (their final counts are written).
@@ -211,6 +207,11 @@ impl Outputs {
         if !self.alerts.is_empty() {
             self.write(&mut Vec::new());
         }
+    }
+
+    /// Lines stdout's reader did not take in time (for the exit summary).
+    pub fn stdout_dropped(&self) -> u64 {
+        self.stdout.dropped
     }
 
     /// Detector and output counters for `/metrics`.
@@ -222,6 +223,8 @@ impl Outputs {
             s.alert_render_errors = n.render_errors();
         }
         s.clickhouse = self.store.as_ref().map(|st| st.sink.stats());
+        s.stdout_dropped_lines = self.stdout.dropped;
+        s.stdout_queued_bytes = self.stdout.queued() as u64;
     }
 
     /// Final counts out, webhook drained (up to 5 s), state and learnt rules saved; returns

@@ -7,9 +7,12 @@ use std::{
     path::PathBuf,
 };
 
+/// Malformed lines warned about one by one; later ones are only counted.
+const MAX_WARNED: u64 = 10;
+
 use anyhow::{Context, Result};
 use clap::Args;
-use monitor::{credential::Fingerprinter, event::Event, pipeline::Pipeline};
+use monitor::{credential::Fingerprinter, event::LogReader, pipeline::Pipeline};
 use tracing::{info, warn};
 
 #[derive(Args, Debug)]
@@ -41,17 +44,20 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
     let mut outputs: Option<crate::outputs::Outputs> = None;
     let mut recs = Vec::new();
     let mut bad = 0u64;
-    for (n, line) in input.lines().enumerate() {
-        let line = line.with_context(|| format!("reading line {}", n + 1))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        // serde_json errors name the position, never the content: safe to log.
-        let ev: Event = match serde_json::from_str(&line) {
+    for item in LogReader::new(input) {
+        let (n, ev) = item.context("reading the event log")?;
+        // A bad line is counted and stepped over; its error names the position and the kind
+        // of problem, never the content (it may hold a credential).
+        let ev = match ev {
             Ok(ev) => ev,
             Err(e) => {
                 bad += 1;
-                warn!(line = n + 1, error = %e, "skipping a malformed event");
+                if bad <= MAX_WARNED {
+                    warn!(line = n, error = %e, "skipping a malformed event");
+                }
+                if bad == MAX_WARNED {
+                    warn!("further malformed events are only counted (malformed_lines)");
+                }
                 continue;
             }
         };

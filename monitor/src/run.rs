@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use monitor::{
     credential::Fingerprinter,
-    event::{Event, Kind},
+    event::{Event, Kind, wipe},
     identity::{
         self, Identity,
         kube::{self, KubeConfig, PodCache},
@@ -128,9 +128,25 @@ async fn serve_metrics(
     exposed: std::sync::Arc<std::sync::Mutex<Exposed>>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Said at most once a minute, with the number of failed accepts since.
+    let mut last_warn: Option<std::time::Instant> = None;
+    let mut starved = 0u64;
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
-            continue;
+        let mut sock = match listener.accept().await {
+            Ok((sock, _)) => sock,
+            // Out of fds (or memory): the connection stays in the backlog and the listener
+            // stays readable, so retrying at once would spin. Wait for fds to come back.
+            Err(e) if accept_starved(&e) => {
+                starved += 1;
+                if last_warn.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    last_warn = Some(std::time::Instant::now());
+                    warn!(error = %e, failed = std::mem::take(&mut starved), "metrics: cannot accept connections; retrying every 100 ms");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            // The peer gave up before the accept (ECONNABORTED and the like).
+            Err(_) => continue,
         };
         let exposed = exposed.clone();
         tokio::spawn(async move {
@@ -185,6 +201,13 @@ async fn serve_metrics(
     }
 }
 
+fn accept_starved(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
 /// The counters of every component, for `/metrics`.
 fn metrics_text(
     ctx: &Ctx,
@@ -204,6 +227,7 @@ fn metrics_text(
     }
     s.ring = ring.map(|r| r.snapshot());
     s.decode_errors = ctx.decode_errors;
+    s.record = ctx.recorder.as_ref().map(|r| r.stats.clone());
     s.attach = ctx.attacher.stats.clone();
     s.pipeline = ctx.pipe.stats.clone();
     s.identity = ctx.identity.stats;
@@ -212,10 +236,23 @@ fn metrics_text(
     monitor::metrics::render(s)
 }
 
-/// The event log: plaintext on disk, so owner-only and announced loudly.
+/// The event log: plaintext on disk, so owner-only and announced loudly. Best effort: a
+/// failed write (full disk) drops that batch from the log, is warned about once per kind of
+/// error and counted, and capturing goes on.
 pub struct Recorder {
-    out: std::io::BufWriter<std::fs::File>,
+    file: std::fs::File,
+    path: PathBuf,
+    /// Lines not yet written, and how many events they hold.
+    buf: zeroize::Zeroizing<Vec<u8>>,
+    buffered: u64,
+    /// A write failed, perhaps part-way through a line: the next write starts a new line,
+    /// so the log stays one event per line (replay skips the broken one).
+    broken: bool,
+    pub stats: monitor::event::LogWriteStats,
 }
+
+/// Bytes gathered before they are written (also written at the end of every drain).
+const RECORD_BATCH: usize = 256 * 1024;
 
 impl Recorder {
     pub fn create(path: &std::path::Path) -> Result<Self> {
@@ -231,18 +268,82 @@ impl Recorder {
         f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         warn!(path = %path.display(), "recording captured plaintext, credentials included: protect and delete this file");
         Ok(Recorder {
-            out: std::io::BufWriter::new(f),
+            file: f,
+            path: path.to_path_buf(),
+            buf: zeroize::Zeroizing::new(Vec::with_capacity(RECORD_BATCH + 8192)),
+            buffered: 0,
+            broken: false,
+            stats: Default::default(),
         })
     }
 
-    pub fn write(&mut self, ev: &Event) -> Result<()> {
-        serde_json::to_writer(&mut self.out, ev)?;
-        self.out.write_all(b"\n")?;
-        Ok(())
+    pub fn write(&mut self, ev: &Event) {
+        if self.broken && self.buf.is_empty() {
+            self.buf.push(b'\n');
+        }
+        // Serialising an event to memory cannot fail (string keys, no maps of other keys).
+        if serde_json::to_writer(&mut *self.buf, ev).is_ok() {
+            self.buf.push(b'\n');
+            self.buffered += 1;
+        }
+        if self.buf.len() >= RECORD_BATCH {
+            self.flush();
+        }
     }
 
-    pub fn flush(&mut self) -> Result<()> {
-        Ok(self.out.flush()?)
+    pub fn flush(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        match self.file.write_all(&self.buf) {
+            Ok(()) => {
+                self.stats.events += self.buffered;
+                if self.broken {
+                    self.broken = false;
+                    info!(path = %self.path.display(), dropped = self.stats.dropped, "event log written again");
+                }
+            }
+            Err(e) => {
+                let kind = format!("{:?}", e.kind());
+                let n = self.stats.errors.entry(kind).or_default();
+                *n += 1;
+                if *n == 1 {
+                    warn!(path = %self.path.display(), error = %e, "event log write failed: the log misses events from here on while it does (counted in monitor_record_dropped_events_total); capturing goes on");
+                }
+                self.stats.dropped += self.buffered;
+                self.broken = true;
+            }
+        }
+        wipe(&mut self.buf);
+        self.buffered = 0;
+    }
+}
+
+/// Keeps the kernel's cgroup filter in step with the selected cgroups' descendants. A walk
+/// that fails (cgroupfs unreadable, no fd left) keeps the set in force: pushing what it
+/// found would delete ids the programs still need, and they would see nothing.
+#[derive(Default)]
+struct CgroupRefresh {
+    failing: bool,
+}
+
+impl CgroupRefresh {
+    fn refresh(&mut self, probes: &mut Probes, paths: &[String]) {
+        let r = identity::cgroup_ids_under(paths)
+            .map_err(anyhow::Error::from)
+            .and_then(|ids| probes.select_cgroups(&ids));
+        match r {
+            Ok(()) => {
+                if std::mem::take(&mut self.failing) {
+                    info!("cgroup selection refreshed again");
+                }
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut self.failing, true) {
+                    warn!(error = %format!("{e:#}"), "cannot refresh the selected cgroups; keeping the last set (new cgroups are not watched until this recovers)");
+                }
+            }
+        }
     }
 }
 
@@ -331,7 +432,7 @@ fn drain(rb: &mut RingBuf<MapData>, ctx: &mut Ctx, recs: &mut Vec<RequestRecord>
                 }
                 ctx.identity.enrich(&mut ev, ctx.boot_offset, &ctx.node);
                 if let Some(r) = ctx.recorder.as_mut() {
-                    r.write(&ev)?;
+                    r.write(&ev);
                 }
                 ctx.pipe.handle(ev, recs);
             }
@@ -342,7 +443,7 @@ fn drain(rb: &mut RingBuf<MapData>, ctx: &mut Ctx, recs: &mut Vec<RequestRecord>
         }
     }
     if let Some(r) = ctx.recorder.as_mut() {
-        r.flush()?;
+        r.flush();
     }
     Ok(())
 }
@@ -363,7 +464,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         skip_responses,
     )?;
     if !args.cgroups.is_empty() {
-        let ids = identity::cgroup_ids_under(&args.cgroups);
+        let ids =
+            identity::cgroup_ids_under(&args.cgroups).context("listing the --cgroup cgroups")?;
         if ids.is_empty() {
             anyhow::bail!("none of the --cgroup paths exist: {:?}", args.cgroups);
         }
@@ -418,6 +520,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rescan = tokio::time::interval(Duration::from_secs(args.rescan_secs.max(1)));
     let mut cgroup_tick = tokio::time::interval(Duration::from_secs(2));
+    let mut cgroups = CgroupRefresh::default();
     let mut sighup = signal(SignalKind::hangup())?;
     let mut recs = Vec::new();
     let mut latency = Latency::default();
@@ -468,7 +571,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             }
             // New cgroups under the selected ones (a pod's new container).
             _ = cgroup_tick.tick(), if !args.cgroups.is_empty() => {
-                ctx.probes.select_cgroups(&identity::cgroup_ids_under(&args.cgroups))?;
+                cgroups.refresh(&mut ctx.probes, &args.cgroups);
             }
             _ = metrics_tick.tick(), if args.metrics_addr.is_some() => {
                 let text = metrics_text(&ctx, &outputs, ring_usage.as_mut(), pods.as_deref());
@@ -495,8 +598,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         probes,
         attacher,
         identity,
+        mut recorder,
         ..
     } = ctx;
+    if let Some(r) = recorder.as_mut() {
+        r.flush();
+    }
     pipe.flush_all(&mut recs);
     outputs.write(&mut recs);
     let notify = outputs.finish()?;
@@ -513,6 +620,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         "outputs": notify,
         "identity": identity.stats,
         "kube": pods.as_ref().map(|p| p.stats()),
+        "record": recorder.as_ref().map(|r| &r.stats),
+        "stdout_dropped_lines": outputs.stdout_dropped(),
     });
     info!(summary = %summary, "monitor stopped");
     if lost > 0 {

@@ -292,22 +292,27 @@ fn inode(p: &Path) -> Option<u64> {
 
 /// Mount point of the cgroup2 hierarchy (`/sys/fs/cgroup` or `/sys/fs/cgroup/unified`).
 pub fn cgroup2_root() -> Option<PathBuf> {
-    let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    text.lines().find_map(|l| {
+    try_cgroup2_root().ok().flatten()
+}
+
+/// Like [`cgroup2_root`], telling an unreadable mount table (no fd left) from no cgroup2.
+fn try_cgroup2_root() -> std::io::Result<Option<PathBuf>> {
+    let text = fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(text.lines().find_map(|l| {
         let (pre, post) = l.split_once(" - ")?;
         if post.split_whitespace().next()? != "cgroup2" {
             return None;
         }
         Some(PathBuf::from(pre.split_whitespace().nth(4)?))
-    })
+    }))
 }
 
 /// Ids of the cgroups at `paths` (relative to the cgroup2 mount, or absolute under it) and of
 /// all their descendants: a pod's or service's processes live in child cgroups.
-pub fn cgroup_ids_under(paths: &[String]) -> HashSet<u64> {
+pub fn cgroup_ids_under(paths: &[String]) -> std::io::Result<HashSet<u64>> {
     let mut ids = HashSet::new();
-    let Some(root) = cgroup2_root() else {
-        return ids;
+    let Some(root) = try_cgroup2_root()? else {
+        return Ok(ids);
     };
     for p in paths {
         let rel = p.strip_prefix(root.to_str().unwrap_or("")).unwrap_or(p);
@@ -316,16 +321,23 @@ pub fn cgroup_ids_under(paths: &[String]) -> HashSet<u64> {
             if let Some(id) = inode(&dir) {
                 ids.insert(id);
             }
-            if let Ok(rd) = fs::read_dir(&dir) {
-                stack.extend(
-                    rd.flatten()
-                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                        .map(|e| e.path()),
-                );
+            // A cgroup removed while walking is simply gone; any other error (no fd left)
+            // means the set is incomplete, and the caller must not take it for the truth.
+            match fs::read_dir(&dir) {
+                Ok(rd) => {
+                    for e in rd {
+                        let e = e?;
+                        if e.file_type().is_ok_and(|t| t.is_dir()) {
+                            stack.push(e.path());
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
             }
         }
     }
-    ids
+    Ok(ids)
 }
 
 /// This host's name, the default node name.
