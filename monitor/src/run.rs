@@ -341,6 +341,8 @@ fn drain(rb: &mut RingBuf<MapData>, ctx: &mut Ctx, recs: &mut Vec<RequestRecord>
             }
         }
     }
+    // Verdicts on the files that arrived: a new program is attached as soon as its verdict is in.
+    ctx.attacher.collect(&mut ctx.probes);
     if let Some(r) = ctx.recorder.as_mut() {
         r.flush()?;
     }
@@ -370,7 +372,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         probes.select_cgroups(&ids)?;
         info!(cgroups = ids.len(), "watching only the selected cgroups");
     }
-    let mut attacher = Attacher::new(caps, Duration::from_secs(args.detach_after));
+    let mut attacher = Attacher::new(caps, Duration::from_secs(args.detach_after))
+        .context("starting the file inspection worker")?;
     attacher.attach_existing(&mut probes);
     if attacher.attached_files() == 0 {
         warn!("no TLS library or program found yet: they are attached as they start");

@@ -1,0 +1,276 @@
+//! File inspection off the capture loop. The capture loop only enqueues a file (by identity)
+//! and later takes the verdict, so the ring buffer keeps draining whatever a file costs: a
+//! worker thread finds the file, opens it (the very file that was mapped or executed, not
+//! whatever is at its path now), and reads its symbols within a [`Budget`]. A read the
+//! budget cannot interrupt (a FUSE file whose server never answers) leaves the worker stuck:
+//! the attacher sees that through [`Inspector::stuck`] and starts another.
+
+use std::{
+    fs::{self, File},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        mpsc::{self, Receiver, SyncSender, TrySendError},
+    },
+    time::{Duration, Instant},
+};
+
+use super::{
+    elf::{self, Budget, FileId, InspectError},
+    target::{self, Target},
+};
+
+/// How to find the file to inspect.
+#[derive(Debug, Clone)]
+pub enum Locate {
+    /// A path in our own root (the host's libraries at start).
+    Path(PathBuf),
+    /// The program process `tgid` executes (`/proc/<tgid>/exe`).
+    Exe { tgid: u32 },
+    /// One of process `tgid`'s executable mappings, the one with the job's identity.
+    Mapping { tgid: u32 },
+}
+
+#[derive(Debug)]
+pub struct Job {
+    pub id: FileId,
+    pub locate: Locate,
+}
+
+#[derive(Debug)]
+pub enum Outcome {
+    /// The process had exited, or no longer mapped the file.
+    Gone,
+    /// `path` names the file in logs; the open file is what probes are attached through.
+    Inspected {
+        path: PathBuf,
+        result: Result<Option<(File, Target)>, InspectError>,
+    },
+}
+
+#[derive(Debug)]
+pub struct Verdict {
+    pub id: FileId,
+    pub outcome: Outcome,
+    pub took: Duration,
+}
+
+pub struct Inspector {
+    jobs: SyncSender<Job>,
+    verdicts: Receiver<Verdict>,
+    /// The job being run and since when.
+    current: Arc<Mutex<Option<(FileId, Instant)>>>,
+}
+
+impl Inspector {
+    /// Starts the worker; `queue` jobs at most wait for it.
+    pub fn start(budget: Budget, queue: usize) -> std::io::Result<Self> {
+        let (jobs, rx) = mpsc::sync_channel::<Job>(queue);
+        let (tx, verdicts) = mpsc::channel();
+        let current = Arc::new(Mutex::new(None));
+        let busy = current.clone();
+        std::thread::Builder::new()
+            .name("inspect".into())
+            .spawn(move || {
+                for job in rx {
+                    let t0 = Instant::now();
+                    *busy.lock().unwrap_or_else(|p| p.into_inner()) = Some((job.id, t0));
+                    let outcome = run(&job, budget);
+                    *busy.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    let v = Verdict {
+                        id: job.id,
+                        outcome,
+                        took: t0.elapsed(),
+                    };
+                    if tx.send(v).is_err() {
+                        break; // abandoned
+                    }
+                }
+            })?;
+        Ok(Inspector {
+            jobs,
+            verdicts,
+            current,
+        })
+    }
+
+    /// Queues `job`; gives it back when the queue is full.
+    pub fn submit(&self, job: Job) -> Result<(), Job> {
+        self.jobs.try_send(job).map_err(|e| match e {
+            TrySendError::Full(j) | TrySendError::Disconnected(j) => j,
+        })
+    }
+
+    pub fn try_verdict(&self) -> Option<Verdict> {
+        self.verdicts.try_recv().ok()
+    }
+
+    /// Waits up to `timeout` for a verdict.
+    pub fn wait_verdict(&self, timeout: Duration) -> Option<Verdict> {
+        self.verdicts.recv_timeout(timeout).ok()
+    }
+
+    /// The file the worker has been on for longer than `limit`, if any.
+    pub fn stuck(&self, limit: Duration) -> Option<FileId> {
+        let cur = *self.current.lock().unwrap_or_else(|p| p.into_inner());
+        cur.filter(|(_, since)| since.elapsed() > limit)
+            .map(|(id, _)| id)
+    }
+}
+
+fn run(job: &Job, budget: Budget) -> Outcome {
+    // The exact file comes first: a magic link of /proc names the inode itself, while a
+    // path is looked up in the process's mount namespace, which its user may have changed.
+    let (exact, path) = match &job.locate {
+        Locate::Path(p) => (None, p.clone()),
+        Locate::Exe { tgid } => {
+            let exe = PathBuf::from(format!("/proc/{tgid}/exe"));
+            let Ok(target) = fs::read_link(&exe) else {
+                return Outcome::Gone;
+            };
+            (Some(exe), in_root(*tgid, &target))
+        }
+        Locate::Mapping { tgid } => {
+            let Ok(maps) = fs::read_to_string(format!("/proc/{tgid}/maps")) else {
+                return Outcome::Gone;
+            };
+            let Some((range, path)) = maps
+                .lines()
+                .filter_map(exec_mapping)
+                .find(|m| m.id == job.id)
+                .map(|m| (m.range.to_string(), m.path.to_string()))
+            else {
+                return Outcome::Gone;
+            };
+            // Opening a map_files entry needs CAP_SYS_ADMIN (which uprobes need anyway);
+            // without it, the path.
+            let by_range = PathBuf::from(format!("/proc/{tgid}/map_files/{range}"));
+            (Some(by_range), in_root(*tgid, Path::new(&path)))
+        }
+    };
+    let opened = match exact.as_deref().map(|p| elf::open_regular(p, Some(job.id))) {
+        Some(Err(InspectError::Open(e))) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            elf::open_regular(&path, Some(job.id))
+        }
+        Some(r) => r,
+        None => elf::open_regular(&path, Some(job.id)),
+    };
+    let result = opened
+        .and_then(|file| target::inspect_file(&file, &path, budget).map(|t| t.map(|t| (file, t))));
+    Outcome::Inspected { path, result }
+}
+
+/// An executable, file-backed line of /proc/<pid>/maps.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Mapping<'a> {
+    pub id: FileId,
+    /// `start-end`, as map_files names it.
+    pub range: &'a str,
+    pub path: &'a str,
+}
+
+pub(super) fn exec_mapping(line: &str) -> Option<Mapping<'_>> {
+    let mut f = line.split_whitespace();
+    let (range, perms, _, dev, ino) = (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+    let path = f.next()?;
+    if !perms.contains('x') || !path.starts_with('/') || f.next().is_some() {
+        return None; // not executable, anonymous, or "(deleted)"
+    }
+    let (maj, min) = dev.split_once(':')?;
+    let dev = libc::makedev(
+        u32::from_str_radix(maj, 16).ok()?,
+        u32::from_str_radix(min, 16).ok()?,
+    );
+    Some(Mapping {
+        id: (dev, ino.parse().ok()?),
+        range,
+        path,
+    })
+}
+
+/// A path as the process sees it, reachable from here (containers have their own root).
+pub(super) fn in_root(tgid: u32, path: &Path) -> PathBuf {
+    Path::new(&format!("/proc/{tgid}/root")).join(path.strip_prefix("/").unwrap_or(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn parses_executable_mappings_only() {
+        let x = "7f1c5a000000-7f1c5a0a0000 r-xp 00022000 fe:01 1311012                    /usr/lib/x86_64-linux-gnu/libssl.so.3";
+        let m = exec_mapping(x).unwrap();
+        assert_eq!(m.id, (libc::makedev(0xfe, 1), 1311012));
+        assert_eq!(m.range, "7f1c5a000000-7f1c5a0a0000");
+        assert_eq!(m.path, "/usr/lib/x86_64-linux-gnu/libssl.so.3");
+        let ro = x.replace("r-xp", "r--p");
+        assert!(exec_mapping(&ro).is_none());
+        assert!(
+            exec_mapping("7ffd-7ffe r-xp 00000000 00:00 0                          [vdso]")
+                .is_none()
+        );
+        assert!(exec_mapping(&format!("{x} (deleted)")).is_none());
+    }
+
+    fn wait(ins: &Inspector) -> Verdict {
+        ins.wait_verdict(Duration::from_secs(30)).expect("verdict")
+    }
+
+    #[test]
+    fn inspector_finds_our_own_libc_mapping_by_identity() {
+        let ins = Inspector::start(Budget::DEFAULT, 4).unwrap();
+        let maps = fs::read_to_string("/proc/self/maps").unwrap();
+        let m = maps
+            .lines()
+            .filter_map(exec_mapping)
+            .find(|m| m.path.contains("libc.so"))
+            .expect("libc mapped");
+        let id = m.id;
+        ins.submit(Job {
+            id,
+            locate: Locate::Mapping {
+                tgid: std::process::id(),
+            },
+        })
+        .unwrap();
+        let v = wait(&ins);
+        assert_eq!(v.id, id);
+        match v.outcome {
+            Outcome::Inspected { result, .. } => assert!(result.unwrap().is_none()),
+            o => panic!("{o:?}"),
+        }
+        // An identity nobody maps.
+        ins.submit(Job {
+            id: (1, 1),
+            locate: Locate::Mapping {
+                tgid: std::process::id(),
+            },
+        })
+        .unwrap();
+        assert!(matches!(wait(&ins).outcome, Outcome::Gone));
+    }
+
+    #[test]
+    fn inspector_refuses_a_fifo_at_the_path_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("lib.so");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let m = fs::metadata(&fifo).unwrap();
+        let ins = Inspector::start(Budget::DEFAULT, 4).unwrap();
+        ins.submit(Job {
+            id: (m.dev(), m.ino()),
+            locate: Locate::Path(fifo),
+        })
+        .unwrap();
+        match wait(&ins).outcome {
+            Outcome::Inspected { result, .. } => {
+                assert_eq!(result.unwrap_err().reason(), "not_regular")
+            }
+            o => panic!("{o:?}"),
+        }
+        assert!(ins.stuck(Duration::ZERO).is_none());
+    }
+}
