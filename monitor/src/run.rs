@@ -319,7 +319,7 @@ fn drain(rb: &mut RingBuf<MapData>, ctx: &mut Ctx, recs: &mut Vec<RequestRecord>
                 match ev.kind {
                     Kind::Mmap => {
                         ctx.attacher
-                            .on_mmap(&mut ctx.probes, ev.tgid, &ev.data, ev.ts_ns);
+                            .on_mmap(&mut ctx.probes, ev.tgid, ev.fd, &ev.data, ev.ts_ns);
                         continue;
                     }
                     Kind::Exit => {

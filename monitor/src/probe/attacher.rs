@@ -199,7 +199,7 @@ impl Attacher {
     }
 
     /// A process mapped a file executable.
-    pub fn on_mmap(&mut self, probes: &mut Probes, tgid: u32, data: &[u8], mmap_ns: u64) {
+    pub fn on_mmap(&mut self, probes: &mut Probes, tgid: u32, fd: i32, data: &[u8], mmap_ns: u64) {
         if data.len() < std::mem::size_of::<MmapInfo>() {
             return;
         }
@@ -209,7 +209,7 @@ impl Attacher {
         self.consider(
             probes,
             id,
-            Locate::Mapping { tgid },
+            Locate::Mapping { tgid, fd: Some(fd) },
             Some(tgid),
             false,
             Some(mmap_ns),
@@ -282,7 +282,7 @@ impl Attacher {
                 self.consider(
                     probes,
                     m.id,
-                    Locate::Mapping { tgid },
+                    Locate::Mapping { tgid, fd: None },
                     Some(tgid),
                     false,
                     None,

@@ -27,8 +27,10 @@ pub enum Locate {
     Path(PathBuf),
     /// The program process `tgid` executes (`/proc/<tgid>/exe`).
     Exe { tgid: u32 },
-    /// One of process `tgid`'s executable mappings, the one with the job's identity.
-    Mapping { tgid: u32 },
+    /// A file process `tgid` maps executable through its descriptor `fd` (the mmap record
+    /// comes at the call's entry: the mapping may not be there yet, the descriptor is), or
+    /// else the mapping with the job's identity.
+    Mapping { tgid: u32, fd: Option<i32> },
 }
 
 #[derive(Debug)]
@@ -118,46 +120,88 @@ impl Inspector {
     }
 }
 
+/// Where a file may be opened, best first.
+enum Candidate {
+    /// A magic link of /proc that names the inode itself (a process's path is looked up in
+    /// its mount namespace, which its user may have changed: a FIFO bind-mounted there).
+    /// Another file there means the process moved on (closed the descriptor, executed
+    /// something else).
+    Exact(PathBuf),
+    /// A path, when the links cannot be opened (without CAP_SYS_ADMIN for map_files).
+    Path(PathBuf),
+}
+
 fn run(job: &Job, budget: Budget) -> Outcome {
-    // The exact file comes first: a magic link of /proc names the inode itself, while a
-    // path is looked up in the process's mount namespace, which its user may have changed.
-    let (exact, path) = match &job.locate {
-        Locate::Path(p) => (None, p.clone()),
+    let Some((path, candidates)) = candidates(job) else {
+        return Outcome::Gone;
+    };
+    let mut refused = None;
+    // The path only when no link could be opened for want of permission: a link that names
+    // another file, or none, means the process has moved on, and so has its path.
+    let mut path_ok = true;
+    for c in candidates {
+        let (p, exact) = match &c {
+            Candidate::Exact(p) => (p, true),
+            Candidate::Path(p) if path_ok => (p, false),
+            Candidate::Path(_) => continue,
+        };
+        match elf::open_regular(p, Some(job.id)) {
+            Ok(file) => {
+                let result =
+                    target::inspect_file(&file, &path, budget).map(|t| t.map(|t| (file, t)));
+                return Outcome::Inspected { path, result };
+            }
+            Err(e) if !exact => refused = Some(e),
+            Err(InspectError::Open(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
+            Err(_) => path_ok = false,
+        }
+    }
+    match refused {
+        Some(e) => Outcome::Inspected {
+            path,
+            result: Err(e),
+        },
+        None => Outcome::Gone,
+    }
+}
+
+/// The file's path (for logs) and where to open it; `None` when it is gone.
+fn candidates(job: &Job) -> Option<(PathBuf, Vec<Candidate>)> {
+    match &job.locate {
+        Locate::Path(p) => Some((p.clone(), vec![Candidate::Path(p.clone())])),
         Locate::Exe { tgid } => {
             let exe = PathBuf::from(format!("/proc/{tgid}/exe"));
-            let Ok(target) = fs::read_link(&exe) else {
-                return Outcome::Gone;
-            };
-            (Some(exe), in_root(*tgid, &target))
+            let path = in_root(*tgid, &fs::read_link(&exe).ok()?);
+            Some((
+                path.clone(),
+                vec![Candidate::Exact(exe), Candidate::Path(path)],
+            ))
         }
-        Locate::Mapping { tgid } => {
-            let Ok(maps) = fs::read_to_string(format!("/proc/{tgid}/maps")) else {
-                return Outcome::Gone;
-            };
-            let Some((range, path)) = maps
-                .lines()
-                .filter_map(exec_mapping)
-                .find(|m| m.id == job.id)
-                .map(|m| (m.range.to_string(), m.path.to_string()))
-            else {
-                return Outcome::Gone;
-            };
-            // Opening a map_files entry needs CAP_SYS_ADMIN (which uprobes need anyway);
-            // without it, the path.
-            let by_range = PathBuf::from(format!("/proc/{tgid}/map_files/{range}"));
-            (Some(by_range), in_root(*tgid, Path::new(&path)))
+        Locate::Mapping { tgid, fd } => {
+            let mut out = Vec::new();
+            let mut path = None;
+            if let Some(fd) = fd {
+                let link = PathBuf::from(format!("/proc/{tgid}/fd/{fd}"));
+                path = fs::read_link(&link).ok().map(|p| in_root(*tgid, &p));
+                out.push(Candidate::Exact(link));
+            }
+            if let Ok(maps) = fs::read_to_string(format!("/proc/{tgid}/maps"))
+                && let Some(m) = maps
+                    .lines()
+                    .filter_map(exec_mapping)
+                    .find(|m| m.id == job.id)
+            {
+                let p = in_root(*tgid, Path::new(m.path));
+                out.push(Candidate::Exact(PathBuf::from(format!(
+                    "/proc/{tgid}/map_files/{}",
+                    m.range
+                ))));
+                out.push(Candidate::Path(p.clone()));
+                path = Some(p);
+            }
+            Some((path?, out))
         }
-    };
-    let opened = match exact.as_deref().map(|p| elf::open_regular(p, Some(job.id))) {
-        Some(Err(InspectError::Open(e))) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            elf::open_regular(&path, Some(job.id))
-        }
-        Some(r) => r,
-        None => elf::open_regular(&path, Some(job.id)),
-    };
-    let result = opened
-        .and_then(|file| target::inspect_file(&file, &path, budget).map(|t| t.map(|t| (file, t))));
-    Outcome::Inspected { path, result }
+    }
 }
 
 /// An executable, file-backed line of /proc/<pid>/maps.
@@ -232,6 +276,7 @@ mod tests {
             id,
             locate: Locate::Mapping {
                 tgid: std::process::id(),
+                fd: None,
             },
         })
         .unwrap();
@@ -246,6 +291,7 @@ mod tests {
             id: (1, 1),
             locate: Locate::Mapping {
                 tgid: std::process::id(),
+                fd: None,
             },
         })
         .unwrap();
