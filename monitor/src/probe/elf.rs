@@ -206,6 +206,20 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// `n` zero bytes in the arena. Not `alloc_slice_fill_copy`: generic, it would be compiled
+    /// into this crate as a byte loop (unoptimised in the debug builds the live tests run:
+    /// half a second for Node's tables) where this is one memset.
+    fn zeroed(&self, n: usize) -> Result<&'a mut [u8], ()> {
+        let layout = std::alloc::Layout::array::<u8>(n).map_err(|_| ())?;
+        let ptr = self.arena.alloc_layout(layout).as_ptr();
+        // SAFETY: `alloc_layout` returns `n` bytes, writable, owned by the arena for 'a and
+        // handed out only here; they are initialised (zeroed) before the slice is made.
+        Ok(unsafe {
+            ptr.write_bytes(0, n);
+            std::slice::from_raw_parts_mut(ptr, n)
+        })
+    }
+
     fn pread(&self, buf: &mut [u8], offset: u64) -> Result<(), ()> {
         self.file.read_exact_at(buf, offset).map_err(|e| {
             self.stop.set(Some(Stop::Io(e.kind())));
@@ -230,7 +244,7 @@ impl<'a> ReadRef<'a> for &Reader<'a> {
         }
         // Charged before allocating: the size comes from the file.
         self.charge(size)?;
-        let buf = self.arena.alloc_slice_fill_copy(size as usize, 0u8);
+        let buf = self.zeroed(size as usize)?;
         self.pread(buf, offset)?;
         let buf: &'a [u8] = buf;
         self.blocks.borrow_mut().insert((offset, size), buf);
