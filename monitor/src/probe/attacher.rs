@@ -77,6 +77,8 @@ struct Pending {
     pinned: bool,
     /// Kernel time (monotonic) of the exec or mmap that brought it, for the latency gauge.
     since_ns: Option<u64>,
+    /// Brought by an mmap record: not finding it is an mmap miss.
+    mmap: bool,
 }
 
 struct Attached {
@@ -318,6 +320,7 @@ impl Attacher {
             p.pinned |= pinned;
             return;
         }
+        let mmap = matches!(locate, Locate::Mapping { fd: Some(_), .. });
         let mut job = Job { id, locate };
         loop {
             match self.inspector.submit(job) {
@@ -327,6 +330,7 @@ impl Attacher {
                         users,
                         pinned,
                         since_ns,
+                        mmap,
                     };
                     self.pending.insert(id, p);
                     return;
@@ -418,7 +422,7 @@ impl Attacher {
         };
         let (path, result) = match v.outcome {
             Outcome::Gone => {
-                self.stats.mmap_misses += 1;
+                self.stats.mmap_misses += p.mmap as u64;
                 return;
             }
             Outcome::Inspected { path, result } => (path, result),

@@ -192,10 +192,11 @@ fn candidates(job: &Job) -> Option<(PathBuf, Vec<Candidate>)> {
                     .find(|m| m.id == job.id)
             {
                 let p = in_root(*tgid, Path::new(m.path));
-                out.push(Candidate::Exact(PathBuf::from(format!(
-                    "/proc/{tgid}/map_files/{}",
-                    m.range
-                ))));
+                if let Some(name) = map_files_name(m.range) {
+                    out.push(Candidate::Exact(PathBuf::from(format!(
+                        "/proc/{tgid}/map_files/{name}"
+                    ))));
+                }
                 out.push(Candidate::Path(p.clone()));
                 path = Some(p);
             }
@@ -232,6 +233,17 @@ pub(super) fn exec_mapping(line: &str) -> Option<Mapping<'_>> {
     })
 }
 
+/// The map_files entry of a maps range: the same hex numbers without maps' zero padding
+/// (`00400000-0065a000` is `400000-65a000` there).
+fn map_files_name(range: &str) -> Option<String> {
+    let (a, b) = range.split_once('-')?;
+    let (a, b) = (
+        u64::from_str_radix(a, 16).ok()?,
+        u64::from_str_radix(b, 16).ok()?,
+    );
+    Some(format!("{a:x}-{b:x}"))
+}
+
 /// A path as the process sees it, reachable from here (containers have their own root).
 pub(super) fn in_root(tgid: u32, path: &Path) -> PathBuf {
     Path::new(&format!("/proc/{tgid}/root")).join(path.strip_prefix("/").unwrap_or(path))
@@ -256,6 +268,27 @@ mod tests {
                 .is_none()
         );
         assert!(exec_mapping(&format!("{x} (deleted)")).is_none());
+    }
+
+    #[test]
+    fn map_files_names_have_no_padding() {
+        assert_eq!(
+            map_files_name("00400000-0065a000").as_deref(),
+            Some("400000-65a000")
+        );
+        assert_eq!(
+            map_files_name("7f1c5a000000-7f1c5a0a0000").as_deref(),
+            Some("7f1c5a000000-7f1c5a0a0000")
+        );
+        // What the kernel lists is what map_files names: our own mappings, low ones too.
+        let maps = fs::read_to_string("/proc/self/maps").unwrap();
+        for m in maps.lines().filter_map(exec_mapping) {
+            let name = map_files_name(m.range).unwrap();
+            assert!(
+                Path::new(&format!("/proc/self/map_files/{name}")).exists(),
+                "{name}"
+            );
+        }
     }
 
     fn wait(ins: &Inspector) -> Verdict {
