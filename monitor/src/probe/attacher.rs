@@ -238,6 +238,10 @@ impl Attacher {
     }
 
     fn release(&mut self, probes: &mut Probes, tgid: u32) {
+        // Files still being inspected: attached later, they must not wait for this process.
+        for p in self.pending.values_mut() {
+            p.users.remove(&tgid);
+        }
         let Some(ids) = self.uses.remove(&tgid) else {
             return;
         };
