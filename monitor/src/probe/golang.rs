@@ -278,10 +278,11 @@ pub fn parse_pclntab(tab: &[u8], text: Option<Range>) -> Result<[Option<Range>; 
     let mut out = [None, None];
     for i in 0..nfunc {
         // In range: `nfunc * 2 * field` is at most the table's length.
-        let e = pcln
-            .checked_add(i * 2 * field)
-            .context("pclntab truncated")?;
-        let funcoff = usize::try_from(read_field(e + field)?).context("pclntab: func offset")?;
+        let entry = |k: usize| {
+            pcln.checked_add((i * 2 + k) * field)
+                .context("pclntab truncated")
+        };
+        let funcoff = usize::try_from(read_field(entry(1)?)?).context("pclntab: func offset")?;
         // `_func` starts with its entry (offset or address), then `nameOff int32`.
         let name_at = pcln
             .checked_add(funcoff)
@@ -304,8 +305,8 @@ pub fn parse_pclntab(tab: &[u8], text: Option<Range>) -> Result<[Option<Range>; 
                 .checked_add(read_field(o)?)
                 .context("pclntab: address past the address space")
         };
-        let start = extent(e)?;
-        let end = extent(e + 2 * field)?;
+        let start = extent(entry(0)?)?;
+        let end = extent(entry(2)?)?;
         if end <= start {
             bail!("pclntab: {} has no extent", [WRITE, READ][slot]);
         }
@@ -376,6 +377,22 @@ mod tests {
         // mov eax, 0xc3c3c3c3; ret; nop; ret
         let code = [0xb8, 0xc3, 0xc3, 0xc3, 0xc3, 0xc3, 0x90, 0xc3];
         assert_eq!(rets(&code, 0x1000), vec![0x1005, 0x1007]);
+    }
+
+    #[test]
+    fn golang_pclntab_offsets_near_the_end_of_the_address_space_are_errors() {
+        // Found by the `elf` fuzz target: a pcln offset that overflows when the first entry's
+        // fields are added to it.
+        let mut tab = vec![0xf0, 0xff, 0xff, 0xff, 0, 0, 1, 8];
+        let words = [1, 0, 0x40_1000, 0, 0, 0, 0, u64::MAX - 2];
+        for w in words {
+            tab.extend_from_slice(&w.to_le_bytes());
+        }
+        assert!(parse_pclntab(&tab, None).is_err());
+        // The same table with the funcname offset at the end instead.
+        tab[8 + 3 * 8..8 + 4 * 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        tab[8 + 7 * 8..].copy_from_slice(&8u64.to_le_bytes());
+        let _ = parse_pclntab(&tab, Some((0x40_1000, 0x50_0000)));
     }
 
     #[test]
