@@ -384,6 +384,15 @@ impl Snapshot {
             "Files that could not be read or parsed.",
             s.attach.inspect_errors,
         )?;
+        o.counters(
+            "tls_inspect_failures",
+            "Files not inspected, or not to the end, by reason (not_regular, replaced, byte_budget, time_budget, read_error, malformed, queue_full, stuck).",
+            None,
+            s.attach
+                .inspect_failures
+                .iter()
+                .map(|(reason, n)| (labels([("reason", reason)]), *n)),
+        )?;
         o.counter(
             "tls_mmap_misses",
             "Mapped files no longer among the process's mappings when looked up.",
@@ -886,6 +895,7 @@ mod tests {
             ),
             2,
         );
+        s.attach.inspect_failures = BTreeMap::from([("byte_budget", 1)]);
         s.pipeline.requests_by_protocol = BTreeMap::from([("http/1.1", 6), ("redis", 1)]);
         s.pipeline.parse_errors_by_protocol = BTreeMap::from([("http/2", 1)]);
         s.pipeline.credentials_by_kind = BTreeMap::from([("bearer", 6), ("basic", 1)]);
@@ -1043,6 +1053,10 @@ mod tests {
                 "monitor_tls_probe_sites{stack=\"openssl\",function=\"SSL_read\",kind=\"return\",placement=\"emulated\"}"
             ),
             2.0
+        );
+        assert_eq!(
+            get("monitor_tls_inspect_failures_total{reason=\"byte_budget\"}"),
+            1.0
         );
         assert_eq!(get("monitor_requests_total{protocol=\"http/1.1\"}"), 6.0);
         assert_eq!(get("monitor_parse_errors_total{protocol=\"http/2\"}"), 1.0);

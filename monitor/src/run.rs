@@ -420,7 +420,7 @@ fn drain(rb: &mut RingBuf<MapData>, ctx: &mut Ctx, recs: &mut Vec<RequestRecord>
                 match ev.kind {
                     Kind::Mmap => {
                         ctx.attacher
-                            .on_mmap(&mut ctx.probes, ev.tgid, &ev.data, ev.ts_ns);
+                            .on_mmap(&mut ctx.probes, ev.tgid, ev.fd, &ev.data, ev.ts_ns);
                         continue;
                     }
                     Kind::Exit => {
@@ -442,6 +442,8 @@ fn drain(rb: &mut RingBuf<MapData>, ctx: &mut Ctx, recs: &mut Vec<RequestRecord>
             }
         }
     }
+    // Verdicts on the files that arrived: a new program is attached as soon as its verdict is in.
+    ctx.attacher.collect(&mut ctx.probes);
     if let Some(r) = ctx.recorder.as_mut() {
         r.flush();
     }
@@ -472,7 +474,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         probes.select_cgroups(&ids)?;
         info!(cgroups = ids.len(), "watching only the selected cgroups");
     }
-    let mut attacher = Attacher::new(caps, Duration::from_secs(args.detach_after));
+    let mut attacher = Attacher::new(caps, Duration::from_secs(args.detach_after))
+        .context("starting the file inspection worker")?;
     attacher.attach_existing(&mut probes);
     if attacher.attached_files() == 0 {
         warn!("no TLS library or program found yet: they are attached as they start");

@@ -14,14 +14,16 @@
 //!   `FD{fdmu fdMutex; Sysfd int; ...}` with `fdMutex{state uint64; rsema, wsema uint32}`
 //!   (16 bytes): `Sysfd` at +16.
 
-use std::{fs, path::Path};
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
+use bumpalo::Bump;
 use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind, Register};
 use object::{
-    Architecture, Endianness, Object, ObjectSection, ObjectSegment, ObjectSymbol, ReadCache,
-    ReadRef, read::elf::ElfFile64,
+    Architecture, Endianness, Object, ObjectSection, ObjectSegment, ReadRef, read::elf::ElfFile64,
 };
+
+use super::elf::{self, Budget, Reader};
 
 const WRITE: &str = "crypto/tls.(*Conn).Write";
 const READ: &str = "crypto/tls.(*Conn).Read";
@@ -42,25 +44,25 @@ pub struct GoTls {
 /// A function's virtual address range `[start, end)`.
 type Range = (u64, u64);
 
-/// Inspects one file: `Ok(None)` when it is not a Go program or does not contain
-/// `crypto/tls`; an error when it is one that cannot be probed (other architecture, Go
-/// before the register ABI, a table that does not parse).
+/// Inspects one file with the default budget: `Ok(None)` when it is not a Go program or does
+/// not contain `crypto/tls`; an error when it is one that cannot be probed (other
+/// architecture, Go before the register ABI, a table that does not parse).
 pub fn inspect(path: &Path) -> Result<Option<GoTls>> {
-    let file = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    inspect_file(&file)
+    let file = elf::open_regular(path, None)?;
+    let arena = Bump::new();
+    let r = Reader::new(&file, &arena, Budget::DEFAULT)?;
+    inspect_reader(&r).map_err(|e| r.explain(&e).into())
 }
 
-/// As [`inspect`], for a file already open.
-pub fn inspect_file(file: &fs::File) -> Result<Option<GoTls>> {
-    // Sections are read on demand: a large non-Go executable costs a few header reads.
-    let cache = ReadCache::new(file);
-    let Ok(kind) = object::FileKind::parse(&cache) else {
+/// As [`inspect`], through a bounded reader (headers it has already read are not read again).
+pub fn inspect_reader<'d>(r: &Reader<'d>) -> Result<Option<GoTls>> {
+    let Ok(kind) = object::FileKind::parse(r) else {
         return Ok(None);
     };
     if kind != object::FileKind::Elf64 {
         return Ok(None);
     }
-    let elf = ElfFile64::<Endianness, _>::parse(&cache).context("parsing the ELF file")?;
+    let elf = ElfFile64::<Endianness, _>::parse(r).context("parsing the ELF file")?;
     let is_go = [".go.buildinfo", ".gopclntab", ".note.go.buildid"]
         .iter()
         .any(|n| elf.section_by_name(n).is_some());
@@ -82,7 +84,7 @@ pub fn inspect_file(file: &fs::File) -> Result<Option<GoTls>> {
             go_version.as_deref().unwrap_or_default()
         );
     }
-    let found = match symtab_funcs(&elf) {
+    let found = match symtab_funcs(&elf)? {
         Some(f) => f,
         None => pclntab_funcs(&elf)?,
     };
@@ -166,30 +168,43 @@ fn read_vaddr<'d, R: ReadRef<'d>>(
 fn file_offset<'d, R: ReadRef<'d>>(elf: &ElfFile64<'d, Endianness, R>, addr: u64) -> Option<u64> {
     elf.segments().find_map(|s| {
         let (off, size) = s.file_range();
-        (addr >= s.address() && addr - s.address() < size).then(|| off + (addr - s.address()))
+        let delta = addr.checked_sub(s.address())?;
+        (delta < size).then(|| off.checked_add(delta)).flatten()
     })
 }
 
 /// Write and Read from `.symtab`, when the binary still has one (and it names them).
 fn symtab_funcs<'d, R: ReadRef<'d>>(
     elf: &ElfFile64<'d, Endianness, R>,
-) -> Option<[Option<Range>; 2]> {
+) -> Result<Option<[Option<Range>; 2]>> {
+    let (Some(syms), Some(strs)) = (
+        elf.section_by_name(".symtab"),
+        elf.section_by_name(".strtab"),
+    ) else {
+        return Ok(None);
+    };
+    let (syms, strs) = (
+        syms.data().context("reading .symtab")?,
+        strs.data().context("reading .strtab")?,
+    );
     let mut out = [None, None];
-    let mut any = false;
-    for sym in elf.symbols() {
-        any = true;
-        let Ok(name) = sym.name() else { continue };
-        let slot = match name {
-            WRITE => 0,
-            READ => 1,
+    let wanted = |rest: &[u8]| rest.starts_with(b"crypto/tls.(*Conn).");
+    for sym in elf::raw_symbols(syms, strs, wanted) {
+        let slot = match sym.name {
+            n if n == WRITE.as_bytes() => 0,
+            n if n == READ.as_bytes() => 1,
             _ => continue,
         };
-        if sym.size() > 0 {
-            out[slot] = Some((sym.address(), sym.address() + sym.size()));
+        if sym.size > 0 {
+            let end = sym
+                .value
+                .checked_add(sym.size)
+                .context("symbol past the address space")?;
+            out[slot] = Some((sym.value, end));
         }
     }
     // A symbol table without both (sizes missing, renamed): ask the pclntab instead.
-    (any && out.iter().all(Option::is_some)).then_some(out)
+    Ok(out.iter().all(Option::is_some).then_some(out))
 }
 
 /// Write and Read from `.gopclntab`: its function table lists every function's entry (and,
@@ -208,27 +223,20 @@ fn pclntab_funcs<'d, R: ReadRef<'d>>(
     parse_pclntab(tab, text)
 }
 
-fn parse_pclntab(tab: &[u8], text: Option<Range>) -> Result<[Option<Range>; 2]> {
-    let u32_at = |o: usize| -> Result<u32> {
-        Ok(u32::from_le_bytes(
-            tab.get(o..o + 4)
-                .context("pclntab truncated")?
-                .try_into()
-                .unwrap(),
-        ))
+/// Every offset and count in the table comes from the file: arithmetic on them is checked,
+/// and names are compared in place (a table without NULs must not cost a scan per function).
+pub fn parse_pclntab(tab: &[u8], text: Option<Range>) -> Result<[Option<Range>; 2]> {
+    let at = |o: usize, n: usize| -> Result<&[u8]> {
+        o.checked_add(n)
+            .and_then(|end| tab.get(o..end))
+            .context("pclntab truncated")
     };
+    let u32_at = |o: usize| -> Result<u32> { Ok(u32::from_le_bytes(at(o, 4)?.try_into()?)) };
+    let u64_at = |o: usize| -> Result<u64> { Ok(u64::from_le_bytes(at(o, 8)?.try_into()?)) };
     if tab.len() < 16 || tab[4] != 0 || tab[5] != 0 || tab[7] != 8 {
         bail!("not a 64-bit little-endian pclntab");
     }
-    let word = |i: usize| -> Result<u64> {
-        let o = 8 + i * 8;
-        Ok(u64::from_le_bytes(
-            tab.get(o..o + 8)
-                .context("pclntab truncated")?
-                .try_into()
-                .unwrap(),
-        ))
-    };
+    let word = |i: usize| u64_at(8 + i * 8);
     let magic = u32_at(0)?;
     // (Go 1.18+: 4-byte entries relative to textStart; Go 1.16/1.17: pointer-sized absolute.)
     let (nfunc, text_start, funcname, pcln, wide) = match magic {
@@ -245,12 +253,12 @@ fn parse_pclntab(tab: &[u8], text: Option<Range>) -> Result<[Option<Range>; 2]> 
         0xffff_fffb => bail!("Go 1.2-1.15 pclntab: no register ABI"),
         m => bail!("unknown pclntab magic {m:#x}"),
     };
-    let (funcname, pcln) = (funcname as usize, pcln as usize);
+    let funcname = usize::try_from(funcname).context("pclntab: funcname offset")?;
+    let pcln = usize::try_from(pcln).context("pclntab: pcln offset")?;
     let field = if wide { 8 } else { 4 };
     let read_field = |o: usize| -> Result<u64> {
         if wide {
-            let b = tab.get(o..o + 8).context("pclntab truncated")?;
-            Ok(u64::from_le_bytes(b.try_into().unwrap()))
+            u64_at(o)
         } else {
             Ok(u32_at(o)? as u64)
         }
@@ -259,27 +267,48 @@ fn parse_pclntab(tab: &[u8], text: Option<Range>) -> Result<[Option<Range>; 2]> 
     if nfunc > tab.len() / (2 * field) {
         bail!("pclntab claims {nfunc} functions");
     }
+    // NUL-terminated name at `start` equal to `want`.
+    let is_name = |start: usize, want: &str| {
+        let n = want.len();
+        start
+            .checked_add(n)
+            .and_then(|end| tab.get(start..=end))
+            .is_some_and(|b| &b[..n] == want.as_bytes() && b[n] == 0)
+    };
     let mut out = [None, None];
     for i in 0..nfunc {
-        let e = pcln + i * 2 * field;
-        let funcoff = read_field(e + field)? as usize;
+        // In range: `nfunc * 2 * field` is at most the table's length.
+        let entry = |k: usize| {
+            pcln.checked_add((i * 2 + k) * field)
+                .context("pclntab truncated")
+        };
+        let funcoff = usize::try_from(read_field(entry(1)?)?).context("pclntab: func offset")?;
         // `_func` starts with its entry (offset or address), then `nameOff int32`.
-        let name_off = u32_at(pcln + funcoff + field)? as i32;
-        let Ok(name_start) = usize::try_from(name_off as i64 + funcname as i64) else {
+        let name_at = pcln
+            .checked_add(funcoff)
+            .and_then(|o| o.checked_add(field))
+            .context("pclntab: func offset")?;
+        let name_off = u32_at(name_at)? as i32;
+        let Some(name_start) = funcname.checked_add_signed(name_off as isize) else {
             continue;
         };
-        let rest = tab.get(name_start..).unwrap_or_default();
-        let name = &rest[..rest.iter().position(|&b| b == 0).unwrap_or(rest.len())];
-        let slot = match name {
-            n if n == WRITE.as_bytes() => 0,
-            n if n == READ.as_bytes() => 1,
-            _ => continue,
+        let slot = if is_name(name_start, WRITE) {
+            0
+        } else if is_name(name_start, READ) {
+            1
+        } else {
+            continue;
         };
         // The table is sorted and ends with the end of text: the next entry ends this one.
-        let start = text_start + read_field(e)?;
-        let end = text_start + read_field(e + 2 * field)?;
+        let extent = |o: usize| -> Result<u64> {
+            text_start
+                .checked_add(read_field(o)?)
+                .context("pclntab: address past the address space")
+        };
+        let start = extent(entry(0)?)?;
+        let end = extent(entry(2)?)?;
         if end <= start {
-            bail!("pclntab: {} has no extent", String::from_utf8_lossy(name));
+            bail!("pclntab: {} has no extent", [WRITE, READ][slot]);
         }
         out[slot] = Some((start, end));
         if out.iter().all(Option::is_some) {
@@ -333,7 +362,7 @@ fn require_register_abi(code: &[u8], addr: u64) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::{path::PathBuf, process::Command};
+    use std::{fs, path::PathBuf, process::Command};
 
     #[test]
     fn golang_go_minor_versions() {
@@ -348,6 +377,22 @@ mod tests {
         // mov eax, 0xc3c3c3c3; ret; nop; ret
         let code = [0xb8, 0xc3, 0xc3, 0xc3, 0xc3, 0xc3, 0x90, 0xc3];
         assert_eq!(rets(&code, 0x1000), vec![0x1005, 0x1007]);
+    }
+
+    #[test]
+    fn golang_pclntab_offsets_near_the_end_of_the_address_space_are_errors() {
+        // Found by the `elf` fuzz target: a pcln offset that overflows when the first entry's
+        // fields are added to it.
+        let mut tab = vec![0xf0, 0xff, 0xff, 0xff, 0, 0, 1, 8];
+        let words = [1, 0, 0x40_1000, 0, 0, 0, 0, u64::MAX - 2];
+        for w in words {
+            tab.extend_from_slice(&w.to_le_bytes());
+        }
+        assert!(parse_pclntab(&tab, None).is_err());
+        // The same table with the funcname offset at the end instead.
+        tab[8 + 3 * 8..8 + 4 * 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        tab[8 + 7 * 8..].copy_from_slice(&8u64.to_le_bytes());
+        let _ = parse_pclntab(&tab, Some((0x40_1000, 0x50_0000)));
     }
 
     #[test]
@@ -399,7 +444,7 @@ mod tests {
             // The symbol table and the pclntab agree on the unstripped file.
             let data = fs::read(&full).unwrap();
             let elf = ElfFile64::<Endianness, _>::parse(&*data).unwrap();
-            let sym = symtab_funcs(&elf).expect("symtab");
+            let sym = symtab_funcs(&elf).unwrap().expect("symtab");
             let pcl = pclntab_funcs(&elf).unwrap();
             // Same entries; the pclntab's extent (up to the next function) also covers the
             // INT3 padding the symbol size leaves out, so the same RETs are found in both.

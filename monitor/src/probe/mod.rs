@@ -2,7 +2,9 @@
 
 pub mod attacher;
 pub mod btf;
+pub mod elf;
 pub mod golang;
+pub mod inspector;
 pub mod libs;
 pub mod site;
 pub mod target;

@@ -4,9 +4,12 @@
 
 use std::{collections::HashMap, fs::File, path::Path};
 
-use anyhow::{Context, Result};
-use object::{Object, ObjectSection};
+use anyhow::Context;
+use bumpalo::Bump;
+use object::{Object, ObjectSection, ReadRef};
 use serde::Serialize;
+
+use super::elf::{self, Budget, InspectError, Reader};
 
 /// A TLS implementation the probes understand.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -85,28 +88,35 @@ const RECIPES: &[Recipe] = &[
     },
 ];
 
-/// Looks at the file's symbols; `Ok(None)` for a file with no TLS stack we probe.
-pub fn inspect(path: &Path) -> Result<Option<Target>> {
-    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    inspect_file(&file, path)
+/// Looks at the file's symbols with the default budget; `Ok(None)` for a file with no TLS
+/// stack we probe.
+pub fn inspect(path: &Path) -> Result<Option<Target>, InspectError> {
+    let file = elf::open_regular(path, None)?;
+    inspect_file(&file, path, Budget::DEFAULT)
 }
 
-/// As [`inspect`], for a file already open (`path` names it in errors).
-pub fn inspect_file(file: &File, path: &Path) -> Result<Option<Target>> {
-    // SAFETY: read-only private mapping; a file truncated meanwhile would fault, which the
-    // libraries in use (mapped executable by a process) are not.
-    let map = unsafe { memmap2::Mmap::map(file) }
-        .with_context(|| format!("mapping {}", path.display()))?;
-    if map.get(..4) != Some(b"\x7fELF") {
+/// As [`inspect`], for a file already open (`path` names it in logs), within `budget`.
+pub fn inspect_file(
+    file: &File,
+    path: &Path,
+    budget: Budget,
+) -> Result<Option<Target>, InspectError> {
+    let arena = Bump::new();
+    let r = Reader::new(file, &arena, budget).map_err(InspectError::Read)?;
+    inspect_with(&r, path).map_err(|e| r.explain(&e))
+}
+
+fn inspect_with(r: &Reader<'_>, path: &Path) -> anyhow::Result<Option<Target>> {
+    if r.read_bytes_at(0, 4).ok() != Some(b"\x7fELF") {
         return Ok(None);
     }
-    let obj = object::File::parse(&*map).with_context(|| format!("parsing {}", path.display()))?;
+    let obj = object::File::parse(r).context("parsing the ELF file")?;
     // The exported symbols first: libraries and Node export their TLS functions, and the full
     // table of a large program (Node's holds hundreds of thousands) is slow to walk.
     let prefixes = ["SSL_", "gnutls_record_"];
-    let mut defined = defined_functions(&obj, ".dynsym", ".dynstr", &prefixes);
+    let mut defined = defined_functions(&obj, ".dynsym", ".dynstr", &prefixes)?;
     if !has_stack(&defined) {
-        defined.extend(defined_functions(&obj, ".symtab", ".strtab", &prefixes));
+        defined.extend(defined_functions(&obj, ".symtab", ".strtab", &prefixes)?);
     }
     for recipe in RECIPES {
         if !recipe.required.iter().all(|s| defined.contains_key(*s)) {
@@ -129,12 +139,13 @@ pub fn inspect_file(file: &File, path: &Path) -> Result<Option<Target>> {
             points,
         }));
     }
-    drop(map);
     // Go carries crypto/tls in the program itself, found by the Go symbol table (in the file
     // already open: the path may be gone with its process).
-    let go = match super::golang::inspect_file(file) {
+    let go = match super::golang::inspect_reader(r) {
         Ok(Some(go)) => go,
         Ok(None) => return Ok(None),
+        // Out of budget: the caller says so (and counts it) like any other refusal.
+        Err(e) if r.stopped() => return Err(e),
         // A Go program we cannot probe (another architecture, Go before 1.17): said, not
         // retried (the verdict is kept per file).
         Err(e) => {
@@ -177,44 +188,30 @@ fn has_stack(defined: &HashMap<String, u64>) -> bool {
 }
 
 /// File offsets of the functions defined (not imported) in the symbol table `table` (with its
-/// string table `strings`) whose names start with one of `prefixes`. A plain loop over the
-/// raw `Elf64_Sym` entries: it runs while a new program waits to be attached, and a generic
-/// symbol iterator is ten times slower (Node's dynamic table alone has 75,000 entries).
-fn defined_functions(
-    obj: &object::File<'_>,
+/// string table `strings`) whose names start with one of `prefixes`.
+fn defined_functions<'d, R: ReadRef<'d>>(
+    obj: &object::File<'d, R>,
     table: &str,
     strings: &str,
     prefixes: &[&str],
-) -> HashMap<String, u64> {
-    const SYM_SIZE: usize = 24;
-    const STT_FUNC: u8 = 2;
-    const STT_GNU_IFUNC: u8 = 10;
+) -> anyhow::Result<HashMap<String, u64>> {
     let mut out = HashMap::new();
-    let data = |name| {
-        obj.section_by_name(name)
-            .and_then(|s| s.data().ok())
-            .unwrap_or_default()
-    };
-    let (syms, strs) = (data(table), data(strings));
     if !obj.is_64() || !obj.is_little_endian() {
-        return out;
+        return Ok(out);
     }
-    for sym in syms.chunks_exact(SYM_SIZE) {
-        let name_off = u32::from_le_bytes(sym[0..4].try_into().unwrap()) as usize;
-        let kind = sym[4] & 0xf;
-        let shndx = u16::from_le_bytes(sym[6..8].try_into().unwrap());
-        let value = u64::from_le_bytes(sym[8..16].try_into().unwrap());
-        if shndx == 0 || (kind != STT_FUNC && kind != STT_GNU_IFUNC) || value == 0 {
-            continue; // undefined (imported) or not code
+    let data = |name| -> anyhow::Result<&'d [u8]> {
+        match obj.section_by_name(name) {
+            Some(s) => s.data().with_context(|| format!("reading {name}")),
+            None => Ok(&[]),
         }
-        let Some(rest) = strs.get(name_off..) else {
-            continue;
-        };
-        if !prefixes.iter().any(|p| rest.starts_with(p.as_bytes())) {
+    };
+    let (syms, strs) = (data(table)?, data(strings)?);
+    let wanted = |rest: &[u8]| prefixes.iter().any(|p| rest.starts_with(p.as_bytes()));
+    for sym in elf::raw_symbols(syms, strs, wanted) {
+        if !sym.is_defined_function() {
             continue;
         }
-        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
-        let Ok(name) = std::str::from_utf8(&rest[..end]) else {
+        let Ok(name) = std::str::from_utf8(sym.name) else {
             continue;
         };
         // Versioned names (`SSL_write@@OPENSSL_3.0.0`) in some tables.
@@ -222,19 +219,23 @@ fn defined_functions(
         if out.contains_key(name) {
             continue;
         }
-        if let Some(off) = file_offset(obj, shndx as usize, value) {
+        if let Some(off) = file_offset(obj, sym.shndx as usize, sym.value) {
             out.insert(name.to_string(), off);
         }
     }
-    out
+    Ok(out)
 }
 
 /// Where the code at `address` (in section `index`) is in the file: uprobes are placed by
 /// file offset.
-fn file_offset(obj: &object::File<'_>, index: usize, address: u64) -> Option<u64> {
+fn file_offset<'d, R: ReadRef<'d>>(
+    obj: &object::File<'d, R>,
+    index: usize,
+    address: u64,
+) -> Option<u64> {
     let section = obj.section_by_index(object::SectionIndex(index)).ok()?;
     let (offset, _) = section.file_range()?;
-    Some(address.checked_sub(section.address())? + offset)
+    address.checked_sub(section.address())?.checked_add(offset)
 }
 
 #[cfg(test)]
@@ -266,6 +267,54 @@ mod tests {
         assert!(curl.exists(), "install curl");
         assert!(inspect(curl).unwrap().is_none());
         assert!(inspect(Path::new("/etc/hostname")).unwrap().is_none());
+    }
+
+    /// A sparse file: `headers` at the start, `len` bytes long, nothing stored after.
+    fn sparse(headers: &[u8], len: u64) -> tempfile::NamedTempFile {
+        use std::io::Write;
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(headers).unwrap();
+        f.as_file().set_len(len).unwrap();
+        f
+    }
+
+    #[test]
+    fn hostile_fake_go_program_with_a_2gb_pclntab_is_refused_by_the_byte_budget() {
+        let elf = elf::synthetic_elf(&[(".gopclntab", elf::SHT_PROGBITS, 4096, 2 << 30)]);
+        let f = sparse(&elf, 4096 + (2 << 30));
+        let t0 = std::time::Instant::now();
+        let err = inspect(f.path()).unwrap_err();
+        assert!(matches!(err, InspectError::ByteBudget(_)), "{err}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(1));
+    }
+
+    #[test]
+    fn hostile_sparse_8gb_elf_costs_its_budget_not_its_length() {
+        let elf = elf::synthetic_elf(&[
+            (".dynsym", elf::SHT_PROGBITS, 4096, (8 << 30) - 4096),
+            (".dynstr", elf::SHT_PROGBITS, 4096, (8 << 30) - 4096),
+        ]);
+        let f = sparse(&elf, 8 << 30);
+        let t0 = std::time::Instant::now();
+        let err = inspect(f.path()).unwrap_err();
+        assert_eq!(err.reason(), "byte_budget", "{err}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(1));
+        // Within budget, a sparse table of zeros is read (and has no symbols): the budget,
+        // not the file, bounds the cost.
+        let elf = elf::synthetic_elf(&[(".symtab", elf::SHT_PROGBITS, 4096, 32 << 20)]);
+        let f = sparse(&elf, 8 << 30);
+        assert!(inspect(f.path()).unwrap().is_none());
+    }
+
+    #[test]
+    fn hostile_sections_past_the_end_are_malformed_not_a_crash() {
+        let elf = elf::synthetic_elf(&[(".dynsym", elf::SHT_PROGBITS, 1 << 40, 4096)]);
+        let f = sparse(&elf, 8192);
+        let err = inspect(f.path()).unwrap_err();
+        assert_eq!(err.reason(), "malformed", "{err}");
+        // Headers cut short.
+        let f = sparse(&elf[..100], 100);
+        assert!(inspect(f.path()).is_err());
     }
 
     #[test]
