@@ -175,27 +175,6 @@ fn request_line(data: &[u8]) -> Result<Option<RequestLine<'_>>, ParseError> {
     }
 }
 
-/// The request target as text: valid UTF-8 kept, other bytes and ASCII controls
-/// percent-encoded. A path nginx accepts is never a reason to drop the request, and query
-/// values are still decoded (and redacted) byte for byte.
-fn target_string(target: &[u8]) -> String {
-    use std::fmt::Write;
-    let mut out = String::with_capacity(target.len());
-    for chunk in target.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            if c.is_ascii_control() {
-                let _ = write!(out, "%{:02X}", c as u8);
-            } else {
-                out.push(c);
-            }
-        }
-        for b in chunk.invalid() {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-    out
-}
-
 /// Tells from the first bytes of a stream whether it is HTTP/1 and which side.
 /// `None`: not enough bytes to tell yet.
 pub fn sniff(data: &[u8]) -> Option<Result<Role, ParseError>> {
@@ -374,7 +353,7 @@ impl Http1Parser {
                     .map(|h| String::from_utf8_lossy(&h.value).into_owned());
                 let msg = Message::Request(Request {
                     method: String::from_utf8_lossy(line.method).into_owned(),
-                    path: target_string(line.target),
+                    path: super::target_string(line.target),
                     host,
                     version: line.version,
                     headers: hs,
@@ -754,7 +733,7 @@ mod tests {
             let got = heads(&chunks);
             proptest::prop_assert_eq!(got.len(), 1);
             proptest::prop_assert_eq!(&got[0].method, &method);
-            proptest::prop_assert_eq!(&got[0].path, &target_string(&target));
+            proptest::prop_assert_eq!(&got[0].path, &super::super::target_string(&target));
             proptest::prop_assert_eq!(got[0].headers.len(), n);
             proptest::prop_assert_eq!(sniff(&req[..req.len().min(32)]).unwrap_or(Ok(Role::Requests)), Ok(Role::Requests));
         }
